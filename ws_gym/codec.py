@@ -1,0 +1,354 @@
+"""Binary frame codec: Python values <-> bytes, with no I/O.
+
+A frame is::
+
+    u32 little-endian header length | orjson header (space padded) | array buffers
+
+The header is ``{"k": kind, "i": request id, "b": [[dtype, shape], ...], "d": body}``.
+Every numpy array in ``body`` is replaced by a reference to one entry of ``"b"``
+and its bytes follow the header, each buffer starting on an 8-byte boundary, so
+decoding is ``numpy.frombuffer`` on the received bytes: no per-element Python
+work and no copy. Decoded arrays are read-only views of the frame.
+
+Body values are JSON values plus a few tagged objects (a dict whose only key,
+or first key, starts with ``$``):
+
+==============  =====================================================
+``{"$a": n}``   numpy array, buffer ``n``
+``{"$s": n}``   numpy scalar (``np.float32(1.5)``), 0-d buffer ``n``
+``{"$y": n}``   ``bytes``, buffer ``n`` (dtype ``|u1``)
+``{"$t": [..]}``  tuple
+``{"$d": [[k, v], ..]}``  dict whose keys are not all plain strings
+``{"$f": "nan"}``  non-finite float (``nan``, ``inf``, ``-inf``)
+``{"$i": "123"}``  integer outside 64 bits
+``{"$O": shape, "v": [..]}``  numpy object array (flat items)
+``{"$r": "repr", "t": "type"}``  a value with no wire form, sent as its repr
+==============  =====================================================
+
+Nothing is ever unpickled or evaluated; a malformed frame raises
+:class:`~ws_gym.errors.ProtocolError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+
+from .errors import ProtocolError
+
+__all__ = ["Message", "encode", "decode", "EncodeError", "Unencodable", "MAX_DEPTH"]
+
+_LEN = struct.Struct("<I")
+_ALIGN = 8
+MAX_DEPTH = 64
+MAX_BUFFERS = 4096
+MAX_DIMS = 32
+# dtype strings we accept from the wire: byte order, kind, item size. No objects,
+# no structured or sub-array dtypes, so np.dtype() never sees anything exotic.
+_DTYPE_RE = re.compile(r"^[<>|=][biufc][1-9][0-9]?$|^[<>|=][US][0-9]{1,6}$")
+_SEND_KINDS = frozenset("biufcUS")
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+
+class EncodeError(TypeError):
+    """A value has no wire form and ``strict`` encoding was asked for."""
+
+
+class Unencodable(str):
+    """A decoded ``{"$r": ...}`` value: the repr of something with no wire form.
+
+    It is a plain ``str`` to the user; ``type_name`` says what the value was.
+    """
+
+    type_name: str
+
+    def __new__(cls, text: str, type_name: str) -> "Unencodable":
+        obj = super().__new__(cls, text)
+        obj.type_name = type_name
+        return obj
+
+
+class Message(NamedTuple):
+    """One decoded frame."""
+
+    kind: str
+    id: int
+    body: Any
+
+
+# --------------------------------------------------------------------- encode
+
+
+def encode(kind: str, req_id: int, body: Any = None, *, strict: bool = False) -> bytes:
+    """Encode one message into a single frame.
+
+    With ``strict=False`` a value that has no wire form is sent as its repr
+    (tag ``$r``); with ``strict=True`` it raises :class:`EncodeError`.
+    """
+    arrays: list[np.ndarray] = []
+    tree = _pack(body, arrays, strict, 0)
+    specs = []
+    for arr in arrays:
+        specs.append([arr.dtype.str, list(arr.shape)])
+    header = orjson.dumps({"k": kind, "i": req_id, "b": specs, "d": tree})
+    pad = -(_LEN.size + len(header)) % _ALIGN
+    parts: list[Any] = [_LEN.pack(len(header) + pad), header, b" " * pad]
+    for arr in arrays:
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        tail = -arr.nbytes % _ALIGN
+        if tail:
+            parts.append(b"\0" * tail)
+    return b"".join(parts)
+
+
+def _pack(obj: Any, arrays: list, strict: bool, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise EncodeError(f"value nested deeper than {MAX_DEPTH} levels")
+    t = type(obj)
+    if obj is None or t is bool or t is str:
+        return obj
+    if t is int:
+        if _INT_MIN <= obj <= _INT_MAX:
+            return obj
+        return {"$i": str(obj)}
+    if t is float:
+        if math.isfinite(obj):
+            return obj
+        return {"$f": "nan" if obj != obj else ("inf" if obj > 0 else "-inf")}
+    if t is np.ndarray:
+        if obj.dtype.kind in _SEND_KINDS and obj.dtype.fields is None:
+            arrays.append(obj)
+            return {"$a": len(arrays) - 1}
+        if obj.dtype.kind == "O":
+            items = [_pack(x, arrays, strict, depth + 1) for x in obj.ravel()]
+            return {"$O": list(obj.shape), "v": items}
+    elif isinstance(obj, np.generic):
+        arr = np.asarray(obj)
+        if arr.dtype.kind in _SEND_KINDS:
+            arrays.append(arr)
+            return {"$s": len(arrays) - 1}
+    elif t is list:
+        return [_pack(x, arrays, strict, depth + 1) for x in obj]
+    elif t is tuple:
+        return {"$t": [_pack(x, arrays, strict, depth + 1) for x in obj]}
+    elif t is dict or isinstance(obj, dict):
+        if all(type(k) is str and not k.startswith("$") for k in obj):
+            return {k: _pack(v, arrays, strict, depth + 1) for k, v in obj.items()}
+        return {
+            "$d": [
+                [_pack(k, arrays, strict, depth + 1), _pack(v, arrays, strict, depth + 1)]
+                for k, v in obj.items()
+            ]
+        }
+    elif t is bytes:
+        arrays.append(np.frombuffer(obj, dtype=np.uint8))
+        return {"$y": len(arrays) - 1}
+    if strict:
+        raise EncodeError(f"a value of type {t.__qualname__} cannot be sent")
+    return {"$r": _safe_repr(obj), "t": t.__qualname__}
+
+
+def _safe_repr(obj: Any, limit: int = 1000) -> str:
+    try:
+        text = repr(obj)
+    except Exception as exc:  # a broken __repr__ must not break the step
+        text = f"<{type(obj).__qualname__} with failing repr: {exc!r}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------- decode
+
+
+def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None) -> Message:
+    """Decode one frame. Raises :class:`ProtocolError` on anything malformed."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected a binary frame, got {type(frame).__name__}")
+    size = len(frame)
+    if max_size is not None and size > max_size:
+        raise ProtocolError(f"frame of {size} bytes is over the limit of {max_size}")
+    if size < _LEN.size:
+        raise ProtocolError(f"frame of {size} bytes is too short for a header")
+    (hlen,) = _LEN.unpack_from(frame, 0)
+    start = _LEN.size
+    if hlen > size - start:
+        raise ProtocolError(f"header length {hlen} exceeds the frame ({size} bytes)")
+    try:
+        header = orjson.loads(bytes(frame[start : start + hlen]))
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    kind = header.get("k")
+    req_id = header.get("i")
+    specs = header.get("b", [])
+    if not isinstance(kind, str) or not kind:
+        raise ProtocolError("header field 'k' (message kind) must be a non-empty string")
+    if type(req_id) is not int or req_id < 0:
+        raise ProtocolError("header field 'i' (request id) must be a non-negative integer")
+    if not isinstance(specs, list) or len(specs) > MAX_BUFFERS:
+        raise ProtocolError("header field 'b' must be a list of at most %d buffers" % MAX_BUFFERS)
+    arrays = _views(frame, start + hlen, specs)
+    body = _unpack(header.get("d"), arrays, 0)
+    return Message(kind, req_id, body)
+
+
+def _views(frame: Any, offset: int, specs: list) -> list[np.ndarray]:
+    size = len(frame)
+    views = []
+    for n, spec in enumerate(specs):
+        if not (isinstance(spec, list) and len(spec) == 2):
+            raise ProtocolError(f"buffer {n}: spec must be [dtype, shape]")
+        dstr, shape = spec
+        if not isinstance(dstr, str) or not _DTYPE_RE.match(dstr):
+            raise ProtocolError(f"buffer {n}: dtype {dstr!r} is not allowed")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+            raise ProtocolError(f"buffer {n}: shape must be a list of at most {MAX_DIMS} sizes")
+        count = 1
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                raise ProtocolError(f"buffer {n}: shape {shape!r} has a bad size")
+            count *= dim
+        try:
+            dtype = np.dtype(dstr)
+        except TypeError:
+            raise ProtocolError(f"buffer {n}: dtype {dstr!r} is not allowed") from None
+        nbytes = count * dtype.itemsize
+        if dtype.itemsize == 0 or nbytes > size - offset:
+            raise ProtocolError(
+                f"buffer {n}: {shape!r} x {dstr} needs {nbytes} bytes, "
+                f"the frame has {max(size - offset, 0)} left"
+            )
+        arr = np.frombuffer(frame, dtype=dtype, count=count, offset=offset)
+        views.append(arr.reshape(shape))
+        offset += nbytes + (-nbytes % _ALIGN)
+    if offset < size:
+        raise ProtocolError(f"{size - offset} unexpected bytes after the last buffer")
+    return views
+
+
+def _buffer(node: dict, tag: str, arrays: list) -> np.ndarray:
+    idx = node[tag]
+    if type(idx) is not int or not 0 <= idx < len(arrays):
+        raise ProtocolError(f"{tag} refers to buffer {idx!r}, which does not exist")
+    return arrays[idx]
+
+
+def _unpack(node: Any, arrays: list, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"body nested deeper than {MAX_DEPTH} levels")
+    t = type(node)
+    if t is list:
+        return [_unpack(x, arrays, depth + 1) for x in node]
+    if t is not dict:
+        return node  # str, int, float, bool, None: already plain values
+    if not node:
+        return {}
+    first = next(iter(node))
+    if not first.startswith("$"):
+        return {k: _unpack(v, arrays, depth + 1) for k, v in node.items()}
+    try:
+        return _unpack_tagged(first, node, arrays, depth)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError(f"malformed {first} value: {exc!r}") from None
+
+
+def _unpack_tagged(tag: str, node: dict, arrays: list, depth: int) -> Any:
+    if tag == "$a":
+        return _buffer(node, tag, arrays)
+    if tag == "$s":
+        arr = _buffer(node, tag, arrays)
+        if arr.ndim != 0:
+            raise ProtocolError("$s must refer to a 0-d buffer")
+        return arr[()]
+    if tag == "$y":
+        arr = _buffer(node, tag, arrays)
+        if arr.dtype != np.uint8 or arr.ndim != 1:
+            raise ProtocolError("$y must refer to a 1-d uint8 buffer")
+        return arr.tobytes()
+    if tag == "$t":
+        items = node[tag]
+        if type(items) is not list:
+            raise ProtocolError("$t must hold a list")
+        return tuple(_unpack(x, arrays, depth + 1) for x in items)
+    if tag == "$d":
+        pairs = node[tag]
+        if type(pairs) is not list:
+            raise ProtocolError("$d must hold a list of pairs")
+        out = {}
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2:
+                raise ProtocolError("$d must hold a list of [key, value] pairs")
+            key = _unpack(pair[0], arrays, depth + 1)
+            try:
+                hash(key)
+            except TypeError:
+                raise ProtocolError(f"$d key of type {type(key).__name__} is not hashable") from None
+            out[key] = _unpack(pair[1], arrays, depth + 1)
+        return out
+    if tag == "$f":
+        text = node[tag]
+        if text not in ("nan", "inf", "-inf"):
+            raise ProtocolError(f"$f must be nan, inf or -inf, got {text!r}")
+        return float(text)
+    if tag == "$i":
+        text = node[tag]
+        if type(text) is not str or not re.fullmatch(r"-?[0-9]{1,400}", text):
+            raise ProtocolError("$i must hold a decimal integer string")
+        return int(text)
+    if tag == "$O":
+        shape, items = node[tag], node["v"]
+        if type(shape) is not list or type(items) is not list or len(shape) > MAX_DIMS:
+            raise ProtocolError("$O must hold a shape and a list of items")
+        count = 1
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                raise ProtocolError("$O shape has a bad size")
+            count *= dim
+        if count != len(items):
+            raise ProtocolError(f"$O shape {shape} does not match {len(items)} items")
+        out = np.empty(len(items), dtype=object)
+        for n, x in enumerate(items):
+            out[n] = _unpack(x, arrays, depth + 1)
+        return out.reshape(shape)
+    if tag == "$r":
+        text, type_name = node[tag], node.get("t", "?")
+        if type(text) is not str or type(type_name) is not str:
+            raise ProtocolError("$r must hold a repr string and a type name")
+        return Unencodable(text, type_name)
+    raise ProtocolError(f"unknown tag {tag!r}")
+
+
+def writable(value: Any) -> Any:
+    """Return ``value`` with every numpy array in it replaced by a writable copy."""
+    t = type(value)
+    if t is np.ndarray:
+        return value.copy() if not value.flags.writeable else value
+    if t is list:
+        return [writable(x) for x in value]
+    if t is tuple:
+        return tuple(writable(x) for x in value)
+    if t is dict:
+        return {k: writable(v) for k, v in value.items()}
+    return value
+
+
+def has_arrays(value: Any) -> bool:
+    """True when ``value`` holds a read-only numpy array anywhere."""
+    t = type(value)
+    if t is np.ndarray:
+        return True
+    if t is list or t is tuple:
+        return any(has_arrays(x) for x in value)
+    if t is dict:
+        return any(has_arrays(v) for v in value.values())
+    return False

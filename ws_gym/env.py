@@ -1,0 +1,128 @@
+"""RemoteEnv: a single ``gymnasium.Env`` served by one env in a remote worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+from gymnasium.vector import AutoresetMode
+
+from . import protocol as P
+from .trainer import Trainer
+from .vector import own
+
+__all__ = ["RemoteEnv"]
+
+
+class RemoteEnv(gym.Env):
+    """One remote env: ``reset``/``step``/``render`` run in a worker.
+
+    The worker runs the plain env made by ``gym.make(env_id)`` (no autoreset),
+    so results equal those of ``gym.make(env_id)`` in process.
+    """
+
+    def __init__(
+        self,
+        env_id: str | None = None,
+        env_kwargs: dict | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        token: str | None = None,
+        local_workers: int = 0,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        connect_timeout: float = 120.0,
+        step_timeout: float | None = 60.0,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+        max_msg_size: int = 256 * 1024 * 1024,
+    ) -> None:
+        # autoreset_mode is accepted for a uniform signature; a single env never autoresets.
+        env_kwargs = dict(env_kwargs or {})
+        if render_mode is not None:
+            env_kwargs["render_mode"] = render_mode
+        self._trainer = Trainer(
+            num_envs=1, mode=P.MODE_SINGLE, env_id=env_id, env_kwargs=env_kwargs,
+            host=host, port=port, token=token, local_workers=local_workers,
+            autoreset_mode=AutoresetMode.NEXT_STEP, connect_timeout=connect_timeout,
+            step_timeout=step_timeout, max_episode_steps=max_episode_steps,
+            max_msg_size=max_msg_size,
+        )
+        self.url: str = self._trainer.url
+        self._render_mode = render_mode
+        self._closed = False
+        self._loaded = False
+        if self._trainer.pool.expect.ready is not None or local_workers:
+            try:
+                self._load()
+            except BaseException:
+                self._trainer.close()
+                raise
+
+    def _load(self) -> None:
+        obs, act, ready = self._trainer.spaces()
+        self._obs_space, self._act_space = obs, act
+        self._metadata = dict(ready.metadata)
+        self._render_mode = ready.render_mode
+        self._loaded = True
+
+    def _get(self, name: str) -> Any:
+        if not self._loaded:
+            self._load()
+        return getattr(self, name)
+
+    # A property on the class also tells gym.make not to validate render modes
+    # against metadata the class cannot know before a worker connects.
+    metadata = property(lambda self: self._get("_metadata"))  # type: ignore[assignment]
+    observation_space = property(lambda self: self._get("_obs_space"))  # type: ignore[assignment]
+    action_space = property(lambda self: self._get("_act_space"))  # type: ignore[assignment]
+
+    @property
+    def render_mode(self) -> str | None:  # type: ignore[override]
+        return self._render_mode
+
+    def _worker(self):
+        self._trainer.wait_workers()
+        return self._trainer.pool.serving()[0]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        worker = self._worker()
+        if not self._loaded:
+            self._load()
+        (reply,) = self._trainer.request([(worker, P.RESET, {"seeds": seed, "options": options})])
+        return own(reply["o"]), own(reply["info"])
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
+        worker = self._trainer.pool.serving()[0]
+        (reply,) = self._trainer.request([(worker, P.STEP, {"a": action})])
+        return own(reply["o"]), reply["r"], reply["t"], reply["u"], own(reply["info"])
+
+    def render(self) -> Any:
+        (frame,) = self._trainer.request([(self._worker(), P.RENDER, {})])
+        return own(frame)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call (or read) ``name`` on the remote env."""
+        body = {"name": name, "args": list(args), "kwargs": kwargs}
+        (result,) = self._trainer.request([(self._worker(), P.CALL, body)])
+        return own(result)
+
+    def set_remote_attr(self, name: str, value: Any) -> None:
+        """Set ``name`` on the remote env."""
+        self._trainer.request([(self._worker(), P.SET_ATTR, {"name": name, "values": [value]})])
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._trainer.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteEnv(url={self.url!r})"
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and hasattr(self, "_trainer"):
+            try:
+                self.close()
+            except Exception:
+                pass

@@ -1,0 +1,99 @@
+"""Worker processes the trainer starts itself on loopback (``local_workers=W``).
+
+No orphans, ever: each child holds the read end of a pipe on its stdin and exits
+when it closes, which the OS does however the trainer ends (close, exception,
+exit, SIGKILL), on Windows as on Unix. ``close()`` also terminates and then
+kills stragglers, and an ``atexit`` hook closes any group still open.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+import weakref
+
+from .errors import WsGymError
+from .protocol import TOKEN_ENV
+
+log = logging.getLogger("ws_gym")
+
+_live: "weakref.WeakSet[LocalWorkers]" = weakref.WeakSet()
+
+
+def split_envs(num_envs: int, workers: int) -> list[int]:
+    """Split ``num_envs`` among ``workers`` as evenly as possible (first ones get more)."""
+    if workers < 1 or workers > num_envs:
+        raise ValueError(f"local_workers must be between 1 and num_envs={num_envs}, got {workers}")
+    base, extra = divmod(num_envs, workers)
+    return [base + (1 if i < extra else 0) for i in range(workers)]
+
+
+class LocalWorkers:
+    """A group of ``python -m ws_gym.worker`` processes dialing ``url``."""
+
+    def __init__(self, url: str, counts: list[int], *, token: str | None = None) -> None:
+        env = dict(os.environ)
+        # The children import what the trainer can import (user env modules too).
+        paths = [p for p in sys.path if p]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([os.getcwd(), *paths]))
+        if token:
+            env[TOKEN_ENV] = token
+        else:
+            env.pop(TOKEN_ENV, None)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for i, count in enumerate(counts):
+                cmd = [
+                    sys.executable, "-m", "ws_gym.worker",
+                    "--url", url, "--num-envs", str(count),
+                    "--allow-import", "--exit-with-parent",
+                    "--retry-timeout", "30", "--log-level", "WARNING",
+                    "--name", f"local-{i}",
+                ]
+                self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env))
+        except BaseException:
+            self.close()
+            raise
+        _live.add(self)
+
+    def check(self) -> None:
+        """Raise if a worker has exited while the trainer still needs it."""
+        for i, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code is not None:
+                raise WsGymError(
+                    f"local worker {i} (pid {proc.pid}) exited with code {code} before serving; "
+                    "its log is above"
+                )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pipes (workers exit), then terminate and kill what is left."""
+        _live.discard(self)
+        for proc in self.procs:
+            if proc.stdin is not None and not proc.stdin.closed:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs = [p for p in self.procs if p.returncode is None]
+
+
+@atexit.register
+def _close_all() -> None:
+    for group in list(_live):
+        group.close(timeout=2)

@@ -1,0 +1,552 @@
+"""The trainer's side of the wire: a WebSocket server and the workers on it.
+
+An aiohttp server runs on its own event loop in a background thread. Workers
+dial in, pass the handshake and are given a contiguous run of env slots. The
+caller's thread (the training loop) encodes requests itself, hands them to the
+loop with one ``call_soon_threadsafe`` per batched call, and blocks on a plain
+``threading.Lock`` that the loop releases when the last reply (or the first
+error) arrives. Replies are matched to requests by id as they are read; a
+worker that disconnects fails its pending requests at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from . import codec
+from . import protocol as P
+from .errors import (
+    ConnectTimeoutError,
+    HandshakeError,
+    ProtocolError,
+    StepTimeoutError,
+    WorkerLostError,
+    WsGymError,
+)
+
+log = logging.getLogger("ws_gym")
+
+WS_PATH = "/ws"
+
+
+@dataclass(eq=False)
+class WorkerConn:
+    """One worker connection. Mutated only on the loop thread."""
+
+    cid: int
+    name: str
+    peer: str
+    start: int
+    count: int
+    ws: web.WebSocketResponse
+    active: bool = False
+    alive: bool = True
+    fresh: bool = True  # not reset since it joined
+    pending: dict = field(default_factory=dict)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+    @property
+    def origin(self) -> str:
+        return f"worker {self.name} ({self.peer}, envs {self.start}..{self.stop - 1})"
+
+
+class _Call:
+    """One batched call across several workers; the caller blocks on ``lock``."""
+
+    __slots__ = ("lock", "results", "remaining", "error", "done")
+
+    def __init__(self, n: int) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.results: list[Any] = [None] * n
+        self.remaining = n
+        self.error: BaseException | None = None
+        self.done = False
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.lock.release()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.finish()
+
+
+@dataclass
+class Expectation:
+    """What the trainer expects of every worker (env id and spaces may be learnt)."""
+
+    env_id: str | None
+    env_kwargs: dict
+    mode: str
+    autoreset_mode: str
+    max_episode_steps: int | None
+    ready: P.Ready | None = None  # spaces etc., from a local probe or the first worker
+
+
+def format_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"ws://{shown}:{port}{WS_PATH}"
+
+
+def loopback_for(host: str) -> str:
+    """The address a local worker should dial for a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+class WorkerPool:
+    """The server plus the table of env slots and the workers serving them."""
+
+    def __init__(
+        self,
+        *,
+        num_envs: int,
+        expect: Expectation,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        token: str | None = None,
+        max_msg_size: int = 256 * 1024 * 1024,
+        handshake_timeout: float = 10.0,
+        ready_timeout: float = 300.0,
+    ) -> None:
+        self.num_envs = num_envs
+        self.expect = expect
+        self.host = host
+        self.token = token
+        self.max_msg_size = max_msg_size
+        self.handshake_timeout = handshake_timeout
+        self.ready_timeout = ready_timeout
+        self._cond = threading.Condition()
+        self._slots: list[WorkerConn | None] = [None] * num_envs
+        self._conns: set[WorkerConn] = set()
+        self._events: list[str] = []  # recent refusals and losses, for error messages
+        self._ids = itertools.count(1)
+        self._req_ids = itertools.count(1)
+        self._call_lock = threading.Lock()
+        self._closing = False
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="ws_gym-trainer-loop", daemon=True)
+        self._thread.start()
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self._start(host, port), self._loop)
+            self.port = fut.result(timeout=30)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.url = format_url(host, self.port)
+        self.local_url = format_url(loopback_for(host), self.port)
+
+    # ------------------------------------------------------------ loop thread
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    async def _start(self, host: str, port: int) -> int:
+        app = web.Application()
+        app.router.add_get(WS_PATH, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        except OSError as exc:
+            sock.close()
+            await self._runner.cleanup()
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}; "
+                          "pass port=0 to pick a free port") from None
+        site = web.SockSite(self._runner, sock, shutdown_timeout=0.5)
+        await site.start()
+        return sock.getsockname()[1]
+
+    def _note(self, text: str) -> None:
+        with self._cond:
+            self._events.append(text)
+            del self._events[:-5]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.token is not None:
+            given = request.headers.get(P.TOKEN_HEADER, "")
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                log.warning("rejected a connection from %s: wrong or missing token", request.remote)
+                return web.Response(status=401, text="ws_gym: wrong or missing token")
+        if self._closing:
+            return web.Response(status=503, text="ws_gym: the trainer is closing")
+        ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, compress=False, autoping=True)
+        await ws.prepare(request)
+        peer = str(request.remote)
+        conn = None
+        try:
+            conn = await self._handshake(ws, peer)
+            if conn is not None:
+                await self._read_replies(conn)
+        except (asyncio.TimeoutError, TimeoutError):
+            log.warning("worker at %s did not finish its handshake in time", peer)
+        except (ProtocolError, HandshakeError) as exc:
+            log.warning("worker at %s refused: %s", peer, exc)
+            await self._refuse(ws, str(exc))
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            log.debug("connection from %s ended: %r", peer, exc)
+        finally:
+            if conn is not None:
+                self._drop(conn)
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    async def _refuse(self, ws: web.WebSocketResponse, reason: str) -> None:
+        self._note(reason)
+        if not ws.closed:
+            try:
+                await ws.send_bytes(codec.encode(P.REFUSE, 0, {"reason": reason}))
+            except (ConnectionError, RuntimeError):
+                pass
+
+    async def _receive(self, ws: web.WebSocketResponse, timeout: float) -> codec.Message:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            return codec.decode(msg.data)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+            raise ConnectionResetError("closed during the handshake")
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            raise ConnectionResetError(f"error during the handshake: {ws.exception()!r}")
+        raise ProtocolError(f"expected a binary hello, got a {msg.type.name} message")
+
+    def _admit(self, hello: P.Hello, peer: str, ws: web.WebSocketResponse) -> WorkerConn:
+        """Decide on a hello: reserve a run of free slots, or raise HandshakeError."""
+        with self._cond:
+            expect = self.expect
+            if hello.env_id is not None and expect.env_id is not None and hello.env_id != expect.env_id:
+                raise HandshakeError(
+                    f"env mismatch: the trainer runs {expect.env_id!r}, "
+                    f"worker {hello.name} hosts {hello.env_id!r}"
+                )
+            if hello.env_id is None and expect.env_id is None:
+                raise HandshakeError(
+                    "no env id: pass env_id= to the trainer or --env to the worker"
+                )
+            start, run = self._free_run()
+            if run == 0:
+                raise HandshakeError(
+                    f"not needed: all {self.num_envs} envs are served already"
+                )
+            if expect.env_id is None:
+                expect.env_id = hello.env_id  # the first worker names the env
+            conn = WorkerConn(next(self._ids), hello.name, peer, start, min(run, hello.num_envs), ws)
+            for i in range(conn.start, conn.stop):
+                self._slots[i] = conn
+            self._conns.add(conn)
+            return conn
+
+    def _free_run(self) -> tuple[int, int]:
+        start = None
+        for i, owner in enumerate(self._slots):
+            if owner is None and start is None:
+                start = i
+            elif owner is not None and start is not None:
+                return start, i - start
+        return (start, self.num_envs - start) if start is not None else (0, 0)
+
+    async def _handshake(self, ws: web.WebSocketResponse, peer: str) -> WorkerConn | None:
+        msg = await self._receive(ws, self.handshake_timeout)
+        if msg.kind != P.HELLO:
+            raise ProtocolError(f"the first message must be hello, got {msg.kind!r}")
+        hello = P.parse_hello(msg.body)
+        conn = self._admit(hello, peer, ws)
+        try:
+            welcome = P.Welcome(
+                env_id=self.expect.env_id,
+                env_kwargs=self.expect.env_kwargs,
+                num_envs=conn.count,
+                first_index=conn.start,
+                mode=self.expect.mode,
+                autoreset_mode=self.expect.autoreset_mode,
+                max_episode_steps=self.expect.max_episode_steps,
+            )
+            await ws.send_bytes(codec.encode(P.WELCOME, 0, P.make_welcome(welcome), strict=True))
+            msg = await self._receive(ws, self.ready_timeout)
+            if msg.kind == P.ERROR:
+                err = P.parse_error(msg.body, conn.origin)
+                text = f"{conn.origin} could not start its envs: {err.remote_type}: {err.remote_message}"
+                log.error("%s", text)
+                self._note(text)
+                self._release(conn)
+                return None
+            if msg.kind != P.READY:
+                raise ProtocolError(f"expected ready, got {msg.kind!r}")
+            ready = P.parse_ready(msg.body)
+            self._check_ready(ready, conn)
+        except BaseException:
+            self._release(conn)
+            raise
+        await ws.send_bytes(codec.encode(P.ACCEPT, 0, {}))
+        with self._cond:
+            conn.active = True
+            self._cond.notify_all()
+        log.info("%s joined (%d envs)", conn.origin, conn.count)
+        return conn
+
+    def _check_ready(self, ready: P.Ready, conn: WorkerConn) -> None:
+        from .spaces import schema_to_space
+
+        with self._cond:
+            known = self.expect.ready
+            if known is None:
+                schema_to_space(ready.observation_space)  # validate before adopting
+                schema_to_space(ready.action_space)
+                self.expect.ready = ready
+                self._cond.notify_all()
+                return
+        for what, theirs, ours in (
+            ("observation space", ready.observation_space, known.observation_space),
+            ("action space", ready.action_space, known.action_space),
+        ):
+            if theirs != ours:
+                try:
+                    theirs_text = str(schema_to_space(theirs))
+                except ProtocolError:
+                    theirs_text = "an invalid schema"
+                raise HandshakeError(
+                    f"space mismatch: {conn.origin} has {what} {theirs_text}, "
+                    f"the trainer expects {schema_to_space(ours)}"
+                )
+
+    def _release(self, conn: WorkerConn) -> None:
+        with self._cond:
+            for i in range(conn.start, conn.stop):
+                if self._slots[i] is conn:
+                    self._slots[i] = None
+            self._conns.discard(conn)
+            self._cond.notify_all()
+
+    def _drop(self, conn: WorkerConn) -> None:
+        """The connection ended: free its slots and fail what it still owes."""
+        conn.alive = False
+        was_active = conn.active
+        conn.active = False
+        self._release(conn)
+        if conn.pending:
+            exc = WorkerLostError(f"{conn.origin} disconnected during a call")
+            for call, _ in conn.pending.values():
+                call.fail(exc)
+            conn.pending.clear()
+        if was_active and not self._closing:
+            text = f"{conn.origin} disconnected"
+            log.warning("%s", text)
+            self._note(text)
+
+    async def _read_replies(self, conn: WorkerConn) -> None:
+        ws = conn.ws
+        pending = conn.pending
+        BINARY = aiohttp.WSMsgType.BINARY
+        async for msg in ws:
+            if msg.type != BINARY:
+                log.warning("%s sent a %s message; ignored", conn.origin, msg.type.name)
+                continue
+            try:
+                reply = codec.decode(msg.data)
+            except ProtocolError as exc:
+                log.warning("%s sent a malformed frame: %s", conn.origin, exc)
+                continue
+            entry = pending.pop(reply.id, None)
+            if entry is None:
+                log.warning("%s answered unknown request %d; ignored", conn.origin, reply.id)
+                continue
+            call, idx = entry
+            if reply.kind == P.OK:
+                call.results[idx] = reply.body
+                call.remaining -= 1
+                if call.remaining == 0:
+                    call.finish()
+            elif reply.kind == P.ERROR:
+                call.fail(P.parse_error(reply.body, conn.origin))
+            else:
+                call.fail(ProtocolError(f"{conn.origin} answered with kind {reply.kind!r}"))
+
+    def _dispatch(self, call: _Call, items: list) -> None:
+        for idx, (conn, rid, _) in enumerate(items):
+            if not conn.alive:
+                call.fail(WorkerLostError(f"{conn.origin} is gone"))
+                return
+            conn.pending[rid] = (call, idx)
+        self._loop.create_task(self._send_all(call, items))
+
+    async def _send_all(self, call: _Call, items: list) -> None:
+        for conn, rid, frame in items:
+            try:
+                await conn.ws.send_bytes(frame)
+            except (ConnectionError, RuntimeError) as exc:
+                conn.pending.pop(rid, None)
+                call.fail(WorkerLostError(f"{conn.origin}: send failed: {exc}"))
+                return
+
+    def _abandon(self, call: _Call, items: list) -> None:
+        for conn, rid, _ in items:
+            conn.pending.pop(rid, None)
+
+    # ---------------------------------------------------------- caller thread
+
+    def serving(self) -> list[WorkerConn]:
+        """The active workers, in env order, if they cover every env; else raise."""
+        with self._cond:
+            missing = [i for i, c in enumerate(self._slots) if c is None or not c.active]
+            if missing:
+                raise WorkerLostError(
+                    f"envs {_ranges(missing)} have no worker ({self._last_event()}); "
+                    "call reset() to wait for a replacement"
+                )
+            return self._ordered()
+
+    def _ordered(self) -> list[WorkerConn]:
+        out: list[WorkerConn] = []
+        for c in self._slots:
+            if not out or out[-1] is not c:
+                out.append(c)
+        return out
+
+    def _last_event(self) -> str:
+        return self._events[-1] if self._events else "none connected yet"
+
+    def covered(self) -> int:
+        with self._cond:
+            return sum(1 for c in self._slots if c is not None and c.active)
+
+    def wait_covered(
+        self,
+        timeout: float,
+        *,
+        progress: Callable[[int], None] | None = None,
+        check: Callable[[], None] | None = None,
+        interval: float = 5.0,
+    ) -> None:
+        """Block until active workers cover every env, or raise ConnectTimeoutError."""
+        deadline = time.monotonic() + timeout
+        next_report = time.monotonic()
+        with self._cond:
+            while True:
+                have = sum(1 for c in self._slots if c is not None and c.active)
+                if have == self.num_envs:
+                    return
+                now = time.monotonic()
+                if progress is not None and now >= next_report:
+                    progress(have)
+                    next_report = now + interval
+                if check is not None:
+                    check()
+                if now >= deadline:
+                    raise ConnectTimeoutError(
+                        f"only {have} of {self.num_envs} envs have a worker after {timeout:g} s: "
+                        f"{self.num_envs - have} missing; workers connect to {self.url} "
+                        f"(last event: {self._last_event()})"
+                    )
+                self._cond.wait(min(deadline - now, max(next_report - now, 0.05), 0.5))
+
+    def wait_spaces(self, timeout: float, check: Callable[[], None] | None = None) -> P.Ready:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.expect.ready is None:
+                now = time.monotonic()
+                if check is not None:
+                    check()
+                if now >= deadline:
+                    raise ConnectTimeoutError(
+                        f"no worker connected within {timeout:g} s to tell the env's spaces; "
+                        f"workers connect to {self.url} (last event: {self._last_event()})"
+                    )
+                self._cond.wait(min(deadline - now, 0.5))
+            return self.expect.ready
+
+    def request(self, items: list[tuple[WorkerConn, str, Any]], timeout: float | None) -> list[Any]:
+        """Send one request to each (worker, kind, body) and wait for every reply."""
+        if self._closed:
+            raise WsGymError("the trainer is closed")
+        with self._call_lock:
+            batch = []
+            for conn, kind, body in items:
+                rid = next(self._req_ids)
+                batch.append((conn, rid, codec.encode(kind, rid, body)))
+            call = _Call(len(batch))
+            self._loop.call_soon_threadsafe(self._dispatch, call, batch)
+            if not call.lock.acquire(timeout=-1 if timeout is None else timeout):
+                self._loop.call_soon_threadsafe(self._abandon, call, batch)
+                slow = [c.origin for c, rid, _ in batch]
+                raise StepTimeoutError(
+                    f"no complete answer within {timeout:g} s from {', '.join(slow)}"
+                )
+            if call.error is not None:
+                raise call.error
+            return call.results
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Tell workers to close their envs, then stop the server and the loop."""
+        if self._closed:
+            return
+        self._closing = True
+        try:
+            with self._cond:
+                conns = [c for c in self._ordered_all() if c.active and c.alive]
+            if conns and self._loop.is_running():
+                try:
+                    self.request([(c, P.CLOSE, {}) for c in conns], timeout)
+                except WsGymError as exc:
+                    log.debug("while closing workers: %s", exc)
+        finally:
+            self._closing = True
+            self._closed = True
+            if self._loop.is_running():
+                try:
+                    asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout)
+                except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                    log.debug("server shutdown: %r", exc)
+            self._stop_loop()
+
+    def _ordered_all(self) -> list[WorkerConn]:
+        return sorted(self._conns, key=lambda c: c.start)
+
+    async def _shutdown(self) -> None:
+        for conn in list(self._conns):
+            if not conn.ws.closed:
+                await conn.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"trainer closing")
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _stop_loop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+
+
+def _ranges(indices: list[int]) -> str:
+    parts = []
+    for _, group in itertools.groupby(enumerate(indices), lambda p: p[1] - p[0]):
+        g = [i for _, i in group]
+        parts.append(str(g[0]) if len(g) == 1 else f"{g[0]}..{g[-1]}")
+    return ", ".join(parts)

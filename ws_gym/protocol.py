@@ -1,0 +1,188 @@
+"""The ws_gym conversation: message kinds and handshake checks, with no I/O.
+
+See ``docs/protocol.rst`` for the whole protocol. Every function here takes a
+decoded body (plain Python values from :mod:`ws_gym.codec`) and either returns
+a typed record or raises :class:`~ws_gym.errors.ProtocolError` saying what is
+wrong, so the I/O layers only move bytes.
+
+Handshake (worker dials the trainer)::
+
+    worker  -> hello    {protocol, env_id | null, num_envs, name}
+    trainer -> welcome  {env_id, env_kwargs, num_envs, first_index, mode,
+                         autoreset_mode, max_episode_steps}      | refuse {reason}
+    worker  -> ready    {observation_space, action_space, render_mode, metadata}
+                                                                 | error {...}
+    trainer -> accept   {}                                       | refuse {reason}
+
+Then the trainer sends requests (``reset``, ``step``, ``render``, ``call``,
+``set_attr``, ``close``), each with a fresh id, and the worker answers each with
+exactly one ``ok`` or ``error`` carrying the same id.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError, RemoteEnvError
+
+PROTOCOL_VERSION = 1
+
+# Workers present the trainer's token in this HTTP header, before the WebSocket upgrade.
+TOKEN_HEADER = "X-WS-Gym-Token"
+TOKEN_ENV = "WS_GYM_TOKEN"  # where the worker CLI looks for it (keeps it out of `ps`)
+
+HELLO = "hello"
+WELCOME = "welcome"
+REFUSE = "refuse"
+READY = "ready"
+ACCEPT = "accept"
+
+RESET = "reset"
+STEP = "step"
+RENDER = "render"
+CALL = "call"
+SET_ATTR = "set_attr"
+CLOSE = "close"
+REQUESTS = frozenset({RESET, STEP, RENDER, CALL, SET_ATTR, CLOSE})
+
+OK = "ok"
+ERROR = "error"
+
+MODE_VECTOR = "vector"  # the worker runs a SyncVectorEnv of its envs
+MODE_SINGLE = "single"  # the worker runs one plain env (RemoteEnv)
+AUTORESET_MODES = ("NextStep", "SameStep", "Disabled")  # gymnasium AutoresetMode values
+
+MAX_NAME = 200
+MAX_ENVS_PER_WORKER = 4096
+
+
+def _field(body: Any, key: str, types: tuple, what: str, *, optional: bool = False) -> Any:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what}: body must be an object")
+    if key not in body:
+        if optional:
+            return None
+        raise ProtocolError(f"{what}: missing field {key!r}")
+    value = body[key]
+    if value is None and optional:
+        return None
+    if type(value) not in types:
+        raise ProtocolError(f"{what}: field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _env_id(value: Any, what: str) -> str | None:
+    if value is not None and (not value or len(value) > MAX_NAME):
+        raise ProtocolError(f"{what}: env_id must be a non-empty string of at most {MAX_NAME} chars")
+    return value
+
+
+@dataclass(frozen=True)
+class Hello:
+    protocol: int
+    env_id: str | None
+    num_envs: int
+    name: str
+
+
+def make_hello(env_id: str | None, num_envs: int, name: str) -> dict:
+    return {"protocol": PROTOCOL_VERSION, "env_id": env_id, "num_envs": num_envs, "name": name}
+
+
+def parse_hello(body: Any) -> Hello:
+    """Check a worker's hello. The version is read first, so any future hello
+    still gets a clear 'version mismatch' answer rather than a field error."""
+    version = _field(body, "protocol", (int,), "hello")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version mismatch: the trainer speaks version {PROTOCOL_VERSION}, "
+            f"the worker speaks version {version}; install the same ws_gym on both"
+        )
+    env_id = _env_id(_field(body, "env_id", (str,), "hello", optional=True), "hello")
+    num_envs = _field(body, "num_envs", (int,), "hello")
+    if not 1 <= num_envs <= MAX_ENVS_PER_WORKER:
+        raise ProtocolError(f"hello: num_envs must be between 1 and {MAX_ENVS_PER_WORKER}")
+    name = _field(body, "name", (str,), "hello", optional=True) or "?"
+    return Hello(version, env_id, num_envs, name[:MAX_NAME])
+
+
+@dataclass(frozen=True)
+class Welcome:
+    env_id: str
+    env_kwargs: dict
+    num_envs: int
+    first_index: int
+    mode: str
+    autoreset_mode: str
+    max_episode_steps: int | None
+
+
+def make_welcome(w: Welcome) -> dict:
+    return {
+        "env_id": w.env_id,
+        "env_kwargs": w.env_kwargs,
+        "num_envs": w.num_envs,
+        "first_index": w.first_index,
+        "mode": w.mode,
+        "autoreset_mode": w.autoreset_mode,
+        "max_episode_steps": w.max_episode_steps,
+    }
+
+
+def parse_welcome(body: Any) -> Welcome:
+    env_id = _env_id(_field(body, "env_id", (str,), "welcome"), "welcome")
+    env_kwargs = _field(body, "env_kwargs", (dict,), "welcome")
+    if not all(isinstance(k, str) for k in env_kwargs):
+        raise ProtocolError("welcome: env_kwargs keys must be strings")
+    num_envs = _field(body, "num_envs", (int,), "welcome")
+    first = _field(body, "first_index", (int,), "welcome")
+    mode = _field(body, "mode", (str,), "welcome")
+    autoreset = _field(body, "autoreset_mode", (str,), "welcome")
+    steps = _field(body, "max_episode_steps", (int,), "welcome", optional=True)
+    if not 1 <= num_envs <= MAX_ENVS_PER_WORKER or first < 0:
+        raise ProtocolError("welcome: bad env count or index")
+    if mode not in (MODE_VECTOR, MODE_SINGLE):
+        raise ProtocolError(f"welcome: unknown mode {mode!r}")
+    if autoreset not in AUTORESET_MODES:
+        raise ProtocolError(f"welcome: unknown autoreset_mode {autoreset!r}")
+    if mode == MODE_SINGLE and num_envs != 1:
+        raise ProtocolError("welcome: single mode hosts exactly one env")
+    return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps)
+
+
+@dataclass(frozen=True)
+class Ready:
+    observation_space: dict
+    action_space: dict
+    render_mode: str | None
+    metadata: dict
+
+
+def parse_ready(body: Any) -> Ready:
+    obs = _field(body, "observation_space", (dict,), "ready")
+    act = _field(body, "action_space", (dict,), "ready")
+    render_mode = _field(body, "render_mode", (str,), "ready", optional=True)
+    metadata = _field(body, "metadata", (dict,), "ready", optional=True) or {}
+    return Ready(obs, act, render_mode, metadata)
+
+
+def parse_reason(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("reason"), str):
+        return body["reason"][:2000]
+    return "no reason given"
+
+
+def error_body(exc: BaseException) -> dict:
+    """The body of an ``error`` reply for an exception raised by an env."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"type": type(exc).__qualname__, "message": str(exc)[:4000], "traceback": tb[-20000:]}
+
+
+def parse_error(body: Any, origin: str) -> RemoteEnvError:
+    """Turn an ``error`` body into the exception to raise in the trainer."""
+    if not isinstance(body, dict):
+        return RemoteEnvError("ProtocolError", "malformed error reply", "", origin)
+    get = lambda k: body.get(k) if isinstance(body.get(k), str) else ""  # noqa: E731
+    return RemoteEnvError(get("type") or "Exception", get("message"), get("traceback"), origin)

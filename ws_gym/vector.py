@@ -1,0 +1,301 @@
+"""RemoteVectorEnv: a gymnasium VectorEnv whose envs live in remote workers.
+
+Each call is split into one request per worker (a contiguous run of envs),
+sent concurrently, and the replies are joined into one batch. Infos are
+rebuilt with gymnasium's own ``_add_info`` from the per-env log each worker
+sends, so results equal those of one ``SyncVectorEnv`` over all envs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from . import protocol as P
+from .codec import Unencodable
+from .trainer import Trainer, autoreset_value
+
+__all__ = ["RemoteVectorEnv"]
+
+_ARRAY_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+_warned_types: set[str] = set()
+
+
+def own(value: Any) -> Any:
+    """A received value made the user's own: writable arrays, reprs flagged once."""
+    t = type(value)
+    if t is np.ndarray:
+        return value.copy()
+    if t is dict:
+        return {k: own(v) for k, v in value.items()}
+    if t is list:
+        return [own(x) for x in value]
+    if t is tuple:
+        return tuple(own(x) for x in value)
+    if t is Unencodable:
+        if value.type_name not in _warned_types:
+            _warned_types.add(value.type_name)
+            warnings.warn(
+                f"ws_gym: a value of type {value.type_name} has no wire form; "
+                f"it arrives as its repr string",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return str(value)
+    if t is np.ndarray:
+        return value.copy()
+    return value
+
+
+def join(space: gym.Space, parts: list[Any]) -> Any:
+    """Join per-worker batches of ``space`` into one batch (one copy)."""
+    if isinstance(space, _ARRAY_SPACES):
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+    if isinstance(space, spaces.Dict):
+        return {k: join(sub, [p[k] for p in parts]) for k, sub in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return tuple(join(sub, [p[j] for p in parts]) for j, sub in enumerate(space.spaces))
+    return tuple(itertools.chain.from_iterable(parts))
+
+
+def cut(space: gym.Space, batch: Any, a: int, b: int) -> Any:
+    """Envs ``a:b`` of a batch of ``space`` (actions for one worker)."""
+    if isinstance(space, _ARRAY_SPACES):
+        return np.asarray(batch)[a:b]
+    if isinstance(space, spaces.Dict):
+        return {k: cut(sub, batch[k], a, b) for k, sub in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return tuple(cut(sub, batch[j], a, b) for j, sub in enumerate(space.spaces))
+    return tuple(batch[a:b])
+
+
+class RemoteVectorEnv(VectorEnv):
+    """A ``VectorEnv`` of ``num_envs`` envs hosted by workers that dial in.
+
+    Workers connect to :attr:`url` (``python -m ws_gym.worker --url ...``), or
+    the trainer starts ``local_workers`` of them itself on loopback. The first
+    :meth:`reset` waits until workers cover every env.
+    """
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        env_id: str | None = None,
+        env_kwargs: dict | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        token: str | None = None,
+        local_workers: int = 0,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        connect_timeout: float = 120.0,
+        step_timeout: float | None = 60.0,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+        max_msg_size: int = 256 * 1024 * 1024,
+    ) -> None:
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        self.num_envs = int(num_envs)
+        self.autoreset_mode = autoreset_value(autoreset_mode)
+        env_kwargs = dict(env_kwargs or {})
+        if render_mode is not None:
+            env_kwargs["render_mode"] = render_mode
+        self.metadata = {"autoreset_mode": self.autoreset_mode}
+        self._trainer = Trainer(
+            num_envs=self.num_envs, mode=P.MODE_VECTOR, env_id=env_id, env_kwargs=env_kwargs,
+            host=host, port=port, token=token, local_workers=local_workers,
+            autoreset_mode=self.autoreset_mode, connect_timeout=connect_timeout,
+            step_timeout=step_timeout, max_episode_steps=max_episode_steps,
+            max_msg_size=max_msg_size,
+        )
+        self.url: str = self._trainer.url
+        self._obs_parts: dict[Any, Any] = {}
+        self._single_obs = self._single_act = self._obs = self._act = None
+        self._render_mode = render_mode
+        self.closed = False
+        if self._trainer.pool.expect.ready is not None or local_workers:
+            try:
+                self._load_spaces()
+            except BaseException:
+                self._trainer.close()
+                raise
+
+    # -- spaces: known at once when the env is registered here, else from the first worker
+
+    def _load_spaces(self) -> None:
+        obs, act, ready = self._trainer.spaces()
+        self._single_obs, self._single_act = obs, act
+        self._obs = batch_space(obs, self.num_envs)
+        self._act = batch_space(act, self.num_envs)
+        self.metadata = {**ready.metadata, "autoreset_mode": self.autoreset_mode}
+        self._render_mode = ready.render_mode
+
+    def _space(self, which: str) -> gym.Space:
+        if self._single_obs is None:
+            self._load_spaces()
+        return getattr(self, which)
+
+    single_observation_space = property(lambda self: self._space("_single_obs"))
+    single_action_space = property(lambda self: self._space("_single_act"))
+    observation_space = property(lambda self: self._space("_obs"))
+    action_space = property(lambda self: self._space("_act"))
+
+    @property
+    def render_mode(self) -> str | None:  # type: ignore[override]
+        return self._render_mode
+
+    # -- the VectorEnv API ---------------------------------------------------
+
+    def reset(
+        self,
+        *,
+        seed: int | Sequence[int | None] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Reset the envs (waiting for workers first); ``seed + i`` seeds env i."""
+        self._check_open()
+        trainer = self._trainer
+        trainer.wait_workers()
+        if self._single_obs is None:
+            self._load_spaces()
+        n = self.num_envs
+        if seed is None:
+            seeds: list = [None] * n
+        elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            seeds = [int(seed) + i for i in range(n)]
+        else:
+            seeds = [None if s is None else int(s) for s in seed]
+        if len(seeds) != n:
+            raise ValueError(
+                f"If seeds are passed as a list the length must match num_envs={n} but got length={len(seeds)}."
+            )
+        options = dict(options) if options is not None else None
+        mask = None
+        if options is not None and "reset_mask" in options:
+            mask = options.pop("reset_mask")
+            _check_mask(mask, n)
+        workers = trainer.pool.serving()
+        items, asked = [], []
+        for w in workers:
+            body: dict[str, Any] = {"seeds": seeds[w.start : w.stop], "options": options}
+            if mask is not None and not w.fresh:
+                part = mask[w.start : w.stop]
+                if not part.any():
+                    continue
+                body["mask"] = part.tolist()
+            items.append((w, P.RESET, body))
+            asked.append(w)
+        replies = trainer.request(items)
+        infos: dict[str, Any] = {}
+        for w, reply in zip(asked, replies):
+            self._obs_parts[w] = reply["o"]
+            w.fresh = False
+            for i, info in reply["f"]:
+                infos = self._add_info(infos, own(info), w.start + i)
+        self._obs_parts = {w: self._obs_parts[w] for w in workers}
+        return join(self._single_obs, [self._obs_parts[w] for w in workers]), infos
+
+    def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Step every env; one request per worker, sent concurrently."""
+        self._check_open()
+        trainer = self._trainer
+        workers = trainer.pool.serving()
+        if len(workers) == 1:
+            if not isinstance(actions, (np.ndarray, dict, tuple)):
+                actions = np.asarray(actions)
+            items = [(workers[0], P.STEP, {"a": actions})]
+        else:
+            space = self._single_act
+            items = [(w, P.STEP, {"a": cut(space, actions, w.start, w.stop)}) for w in workers]
+        replies = trainer.request(items)
+        parts = self._obs_parts = {}
+        infos: dict[str, Any] = {}
+        for w, reply in zip(workers, replies):
+            parts[w] = reply["o"]
+            if reply["f"]:
+                for i, info in reply["f"]:
+                    infos = self._add_info(infos, own(info), w.start + i)
+        if len(replies) == 1:
+            r = replies[0]
+            return join(self._single_obs, [r["o"]]), r["r"].copy(), r["t"].copy(), r["u"].copy(), infos
+        return (
+            join(self._single_obs, [r["o"] for r in replies]),
+            np.concatenate([r["r"] for r in replies]),
+            np.concatenate([r["t"] for r in replies]),
+            np.concatenate([r["u"] for r in replies]),
+            infos,
+        )
+
+    def render(self) -> tuple[Any, ...] | None:
+        """A tuple with one frame per env, as ``SyncVectorEnv.render``."""
+        self._check_open()
+        workers = self._trainer.pool.serving()
+        replies = self._trainer.request([(w, P.RENDER, {}) for w in workers])
+        return tuple(own(frame) for reply in replies for frame in reply)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call (or read) ``name`` on every env; a tuple of results in env order."""
+        self._check_open()
+        workers = self._trainer.pool.serving()
+        body = {"name": name, "args": list(args), "kwargs": kwargs}
+        replies = self._trainer.request([(w, P.CALL, body) for w in workers])
+        return tuple(own(x) for reply in replies for x in reply)
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """The attribute ``name`` of every env."""
+        return self.call(name)
+
+    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
+        """Set ``name`` on every env: one value for all, or one value per env."""
+        self._check_open()
+        if not isinstance(values, (list, tuple)):
+            values = [values for _ in range(self.num_envs)]
+        if len(values) != self.num_envs:
+            raise ValueError(
+                "Values must be a list or tuple with length equal to the number of environments. "
+                f"Got `{len(values)}` values for {self.num_envs} environments."
+            )
+        workers = self._trainer.pool.serving()
+        self._trainer.request(
+            [(w, P.SET_ATTR, {"name": name, "values": list(values[w.start : w.stop])}) for w in workers]
+        )
+
+    def close_extras(self, **kwargs: Any) -> None:
+        """Tell the workers to close their envs, stop the server, end local workers."""
+        self._trainer.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this RemoteVectorEnv is closed")
+
+    def __repr__(self) -> str:
+        return f"RemoteVectorEnv(num_envs={self.num_envs}, url={self.url!r})"
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True) and hasattr(self, "_trainer"):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+def _check_mask(mask: Any, n: int) -> None:
+    """The same checks, errors and messages as ``SyncVectorEnv.reset``."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
+    if mask.shape != (n,):
+        raise ValueError(f"`options['reset_mask']` must have shape `({n},)`, got {mask.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
+    if not np.any(mask):
+        raise ValueError(
+            f"`options['reset_mask']` must contain a boolean array with at least one True value, got reset_mask={mask}"
+        )

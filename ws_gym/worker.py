@@ -1,0 +1,318 @@
+"""The worker: dials out to a trainer and hosts Gymnasium envs for it.
+
+Run it on the PC that has the env::
+
+    python -m ws_gym.worker --url ws://TRAINER:8765/ws --env CartPole-v1 --num-envs 4
+
+It needs no open port: it connects out, retries with backoff until the trainer
+is up, hosts the envs the trainer asks for, and exits when the trainer closes.
+This module only moves bytes; env logic is in :mod:`ws_gym.host`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+from typing import Any, Sequence
+
+import aiohttp
+import orjson
+
+from . import codec
+from . import protocol as P
+from .errors import HandshakeError, ProtocolError, WsGymError
+from .host import EnvHost
+
+log = logging.getLogger("ws_gym.worker")
+
+TOKEN_ENV = P.TOKEN_ENV
+TOKEN_HEADER = P.TOKEN_HEADER
+DEFAULT_MAX_MSG = 256 * 1024 * 1024
+
+EXIT_OK = 0
+EXIT_REFUSED = 2
+EXIT_UNAUTHORIZED = 3
+EXIT_GAVE_UP = 4
+
+
+class _Closed(Exception):
+    """The trainer closed the session politely."""
+
+
+def backoff_delays(first: float = 0.1, cap: float = 5.0):
+    """Exponential back-off with full jitter: 0.1 s doubling up to ``cap``."""
+    delay = first
+    while True:
+        yield random.uniform(delay / 2, delay)
+        delay = min(delay * 2, cap)
+
+
+def env_allowed(env_id: str, *, fixed: str | None, allow_import: bool) -> str | None:
+    """Why this worker will not host ``env_id`` (None when it will).
+
+    A worker never imports a module the trainer names unless told it may.
+    """
+    if fixed is not None:
+        return None if env_id == fixed else (
+            f"env mismatch: the trainer wants {env_id!r}, this worker hosts {fixed!r}"
+        )
+    if ":" in env_id and not allow_import:
+        return (
+            f"the trainer's env id {env_id!r} imports a module; "
+            "start the worker with --allow-import or --env to allow it"
+        )
+    return None
+
+
+async def _recv(ws: aiohttp.ClientWebSocketResponse, timeout: float | None) -> codec.Message:
+    msg = await ws.receive(timeout=timeout)
+    if msg.type == aiohttp.WSMsgType.BINARY:
+        return codec.decode(msg.data)
+    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+        raise ConnectionResetError("the trainer closed the connection")
+    if msg.type == aiohttp.WSMsgType.ERROR:
+        raise ConnectionResetError(f"connection error: {ws.exception()!r}")
+    raise ProtocolError(f"unexpected {msg.type.name} message")
+
+
+class Worker:
+    """One worker process's state across reconnects."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        env_id: str | None = None,
+        num_envs: int = 1,
+        env_kwargs: dict | None = None,
+        token: str | None = None,
+        allow_import: bool = False,
+        retry_timeout: float | None = None,
+        max_msg_size: int = DEFAULT_MAX_MSG,
+        name: str | None = None,
+    ) -> None:
+        self.url = url
+        self.env_id = env_id
+        self.num_envs = num_envs
+        self.env_kwargs = env_kwargs
+        self.token = token
+        self.allow_import = allow_import
+        self.retry_timeout = retry_timeout
+        self.max_msg_size = max_msg_size
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.host: EnvHost | None = None
+        self._delays_reset = False
+
+    async def run(self) -> int:
+        """Connect, serve, reconnect after drops; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        headers = {TOKEN_HEADER: self.token} if self.token else {}
+        timeout = aiohttp.ClientTimeout(total=None, connect=10)
+        delays = backoff_delays()
+        waited_since = loop.time()
+        announced = False
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    async with session.ws_connect(
+                        self.url, headers=headers, max_msg_size=self.max_msg_size,
+                        compress=0, autoping=True, autoclose=True,
+                    ) as ws:
+                        log.info("connected to %s", self.url)
+                        try:
+                            await self._session(ws)
+                        except _Closed:
+                            log.info("the trainer closed the session; exiting")
+                            return EXIT_OK
+                        except HandshakeError as exc:
+                            log.error("refused by the trainer: %s", exc.reason)
+                            return EXIT_REFUSED
+                        except ProtocolError as exc:
+                            log.error("the trainer broke the protocol: %s", exc)
+                            return EXIT_REFUSED
+                        except (ConnectionError, asyncio.TimeoutError) as exc:
+                            log.warning("connection lost (%s); reconnecting", exc)
+                        finally:
+                            self._close_envs()
+                        waited_since = loop.time()
+                except aiohttp.WSServerHandshakeError as exc:
+                    if exc.status in (401, 403):
+                        log.error("the trainer rejected this worker (%s %s): check --token or %s",
+                                  exc.status, exc.message, TOKEN_ENV)
+                        return EXIT_UNAUTHORIZED
+                    log.warning("handshake with %s failed: %s %s", self.url, exc.status, exc.message)
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    if not announced:
+                        log.info("waiting for the trainer at %s (%s)", self.url, exc.__class__.__name__)
+                        announced = True
+                if self._delays_reset:  # a session was served: start backing off afresh
+                    delays, self._delays_reset = backoff_delays(), False
+                if self.retry_timeout is not None and loop.time() - waited_since > self.retry_timeout:
+                    log.error("no trainer at %s after %.0f s; giving up", self.url, self.retry_timeout)
+                    return EXIT_GAVE_UP
+                await asyncio.sleep(next(delays))
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        await ws.send_bytes(codec.encode(P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name)))
+        msg = await _recv(ws, 60)
+        if msg.kind == P.REFUSE:
+            raise HandshakeError(P.parse_reason(msg.body))
+        if msg.kind != P.WELCOME:
+            raise ProtocolError(f"expected welcome, got {msg.kind!r}")
+        welcome = P.parse_welcome(codec.writable(msg.body))
+        why = env_allowed(welcome.env_id, fixed=self.env_id, allow_import=self.allow_import)
+        if why is None and self.env_kwargs is not None:
+            welcome = P.Welcome(**{**welcome.__dict__, "env_kwargs": {**welcome.env_kwargs, **self.env_kwargs}})
+        if why is not None:
+            await ws.send_bytes(codec.encode(P.ERROR, 0, {"type": "Refused", "message": why, "traceback": ""}))
+            raise HandshakeError(why)
+        try:
+            self.host = EnvHost(welcome)
+        except Exception as exc:  # env creation failed: tell the trainer why
+            log.exception("could not create %s", welcome.env_id)
+            await ws.send_bytes(codec.encode(P.ERROR, 0, P.error_body(exc)))
+            raise HandshakeError(f"could not create env {welcome.env_id!r}: {exc}") from exc
+        await ws.send_bytes(codec.encode(P.READY, 0, self.host.ready_body()))
+        msg = await _recv(ws, 60)
+        if msg.kind == P.REFUSE:
+            raise HandshakeError(P.parse_reason(msg.body))
+        if msg.kind != P.ACCEPT:
+            raise ProtocolError(f"expected accept, got {msg.kind!r}")
+        self._delays_reset = True
+        log.info("hosting %d x %s as envs %d..%d", welcome.num_envs, welcome.env_id,
+                 welcome.first_index, welcome.first_index + welcome.num_envs - 1)
+        await self._serve(ws)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        host = self.host
+        receive, send = ws.receive, ws.send_bytes
+        BINARY = aiohttp.WSMsgType.BINARY
+        while True:
+            msg = await receive()
+            if msg.type != BINARY:
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                    raise ConnectionResetError("the trainer closed the connection")
+                if msg.type == aiohttp.WSMsgType.ERROR:
+                    raise ConnectionResetError(f"connection error: {ws.exception()!r}")
+                continue  # text frames are not part of the protocol: ignore them
+            try:
+                req = codec.decode(msg.data)
+            except ProtocolError as exc:
+                log.warning("ignoring a malformed request: %s", exc)
+                await send(codec.encode(P.ERROR, 0, P.error_body(exc)))
+                continue
+            try:
+                body = req.body if req.kind == P.STEP else codec.writable(req.body)
+                result = host.handle(req.kind, body)
+                frame = codec.encode(P.OK, req.id, result)
+            except Exception as exc:  # the env's error goes back to the trainer
+                frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
+            await send(frame)
+            if req.kind == P.CLOSE:
+                raise _Closed()
+
+    def _close_envs(self) -> None:
+        if self.host is not None:
+            try:
+                self.host.close()
+            except Exception:
+                log.exception("error while closing envs")
+            self.host = None
+
+
+def _exit_with_parent() -> None:
+    """Exit when the process that started us dies (its end of stdin closes).
+
+    Portable (Windows too): the trainer holds the write end of our stdin pipe,
+    and the OS closes it whatever way the trainer ends.
+    """
+
+    fd = sys.stdin.fileno()
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 4096):  # raw fd: no buffer lock held at shutdown
+                pass
+        except OSError:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="ws_gym-parent-watch", daemon=True).start()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ws_gym.worker",
+        description=(
+            "Host Gymnasium envs for a remote ws_gym trainer. The worker dials out to the "
+            "trainer's WebSocket URL (no open port needed on this machine), retries until the "
+            "trainer is up, and exits when the trainer closes."
+        ),
+        epilog="example: python -m ws_gym.worker --url ws://trainer:8765/ws --env CartPole-v1 --num-envs 4",
+    )
+    p.add_argument("--url", required=True, help="the trainer's URL, e.g. ws://trainer:8765/ws (printed by the trainer)")
+    p.add_argument("--env", dest="env_id", default=None,
+                   help="the env id to host; without it the worker hosts the id the trainer announces")
+    p.add_argument("--num-envs", type=int, default=1, help="how many envs to host (default 1)")
+    p.add_argument("--env-kwargs", default=None, help='JSON object of keyword arguments for gym.make, e.g. \'{"render_mode": "rgb_array"}\'')
+    p.add_argument("--token", default=None, help=f"shared secret the trainer expects (or set {TOKEN_ENV})")
+    p.add_argument("--allow-import", action="store_true",
+                   help="let the trainer name 'module:EnvId' ids, which import that module here")
+    p.add_argument("--retry-timeout", type=float, default=None,
+                   help="give up after this many seconds without a trainer (default: retry forever)")
+    p.add_argument("--max-msg-size", type=int, default=DEFAULT_MAX_MSG, help="largest message accepted, in bytes")
+    p.add_argument("--name", default=None, help="name shown in the trainer's logs (default host:pid)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s ws_gym.worker %(levelname)s %(message)s")
+    if args.exit_with_parent:
+        _exit_with_parent()
+    if args.num_envs < 1:
+        print("--num-envs must be at least 1", file=sys.stderr)
+        return 1
+    env_kwargs: dict[str, Any] | None = None
+    if args.env_kwargs:
+        try:
+            env_kwargs = orjson.loads(args.env_kwargs)
+        except orjson.JSONDecodeError as exc:
+            print(f"--env-kwargs is not valid JSON: {exc}", file=sys.stderr)
+            return 1
+        if not isinstance(env_kwargs, dict):
+            print("--env-kwargs must be a JSON object", file=sys.stderr)
+            return 1
+    import ws_gym  # noqa: F401  (registers ws_gym's own envs)
+
+    worker = Worker(
+        args.url,
+        env_id=args.env_id,
+        num_envs=args.num_envs,
+        env_kwargs=env_kwargs,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        allow_import=args.allow_import,
+        retry_timeout=args.retry_timeout,
+        max_msg_size=args.max_msg_size,
+        name=args.name,
+    )
+    try:
+        return asyncio.run(worker.run())
+    except KeyboardInterrupt:
+        log.info("interrupted; exiting")
+        return 130
+    except WsGymError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
