@@ -167,7 +167,7 @@ class WorkerPool:
     async def _start(self, host: str, port: int) -> int:
         app = web.Application()
         app.router.add_get(WS_PATH, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, addr = infos[0]
@@ -181,7 +181,7 @@ class WorkerPool:
             await self._runner.cleanup()
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}; "
                           "pass port=0 to pick a free port") from None
-        site = web.SockSite(self._runner, sock, shutdown_timeout=0.5)
+        site = web.SockSite(self._runner, sock)
         await site.start()
         return sock.getsockname()[1]
 

@@ -8,6 +8,7 @@ the first worker's handshake.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -16,7 +17,6 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
 from . import protocol as P
-from .errors import WsGymError
 from .local import LocalWorkers, split_envs
 from .pool import Expectation, WorkerPool
 from .spaces import schema_to_space, space_to_schema
@@ -47,7 +47,10 @@ def probe(env_id: str | None, env_kwargs: dict, max_episode_steps: int | None) -
     if env_id is None:
         return None
     try:
-        gym.spec(env_id)
+        module, _, name = env_id.rpartition(":")
+        if module:
+            importlib.import_module(module)
+        gym.spec(name)
     except Exception:  # not registered (or its module not importable) on the trainer
         return None
     kwargs = dict(env_kwargs)
@@ -175,7 +178,3 @@ class Trainer:
         finally:
             if self.local is not None:
                 self.local.close()
-
-
-class Unserved(WsGymError):
-    """Internal: raised when a call needs workers that are not connected."""
