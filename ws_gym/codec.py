@@ -113,8 +113,12 @@ def _pack(obj: Any, arrays: list, strict: bool, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise EncodeError(f"value nested deeper than {MAX_DEPTH} levels")
     t = type(obj)
-    if obj is None or t is bool or t is str:
+    if obj is None or t is bool:
         return obj
+    if t is str:
+        if _utf8(obj):
+            return obj
+        return _no_wire_form(obj, strict, "a str with lone surrogates (not UTF-8)")
     if t is int:
         if _INT_MIN <= obj <= _INT_MAX:
             return obj
@@ -140,7 +144,7 @@ def _pack(obj: Any, arrays: list, strict: bool, depth: int) -> Any:
     elif t is tuple:
         return {"$t": [_pack(x, arrays, strict, depth + 1) for x in obj]}
     elif t is dict or isinstance(obj, dict):
-        if all(type(k) is str and not k.startswith("$") for k in obj):
+        if all(type(k) is str and not k.startswith("$") and _utf8(k) for k in obj):
             return {k: _pack(v, arrays, strict, depth + 1) for k, v in obj.items()}
         return {
             "$d": [
@@ -151,9 +155,24 @@ def _pack(obj: Any, arrays: list, strict: bool, depth: int) -> Any:
     elif t is bytes:
         arrays.append(np.frombuffer(obj, dtype=np.uint8))
         return {"$y": len(arrays) - 1}
+    return _no_wire_form(obj, strict, f"a value of type {t.__qualname__}")
+
+
+def _utf8(text: str) -> bool:
+    """True when ``text`` can go into JSON (UTF-8): no lone surrogates."""
+    if text.isascii():  # O(1) in CPython
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _no_wire_form(obj: Any, strict: bool, what: str) -> Any:
     if strict:
-        raise EncodeError(f"a value of type {t.__qualname__} cannot be sent")
-    return {"$r": _safe_repr(obj), "t": t.__qualname__}
+        raise EncodeError(f"{what} cannot be sent")
+    return {"$r": _safe_repr(obj), "t": type(obj).__qualname__}
 
 
 def _safe_repr(obj: Any, limit: int = 1000) -> str:
@@ -227,10 +246,17 @@ def _views(frame: Any, offset: int, specs: list) -> list[np.ndarray]:
                 f"the frame has {max(size - offset, 0)} left"
             )
         arr = np.frombuffer(frame, dtype=dtype, count=count, offset=offset)
-        views.append(arr.reshape(shape))
+        if arr.flags.writeable:  # a bytearray frame: views stay read-only all the same
+            arr.flags.writeable = False
+        try:
+            views.append(arr.reshape(shape))
+        except ValueError:  # no data, but a dimension numpy cannot hold: [0, 2**63]
+            raise ProtocolError(f"buffer {n}: shape {shape!r} is too big") from None
         offset += nbytes + (-nbytes % _ALIGN)
     if offset < size:
         raise ProtocolError(f"{size - offset} unexpected bytes after the last buffer")
+    if offset > size:
+        raise ProtocolError("the frame ends inside the padding of its last buffer")
     return views
 
 
@@ -332,6 +358,12 @@ def writable(value: Any) -> Any:
     """Return ``value`` with every numpy array in it replaced by a writable copy."""
     t = type(value)
     if t is np.ndarray:
+        if value.dtype.kind == "O":  # its items may be read-only views too
+            out = np.empty(value.shape, dtype=object)
+            flat = out.reshape(-1)
+            for n, x in enumerate(value.flat):
+                flat[n] = writable(x)
+            return out
         return value.copy() if not value.flags.writeable else value
     if t is list:
         return [writable(x) for x in value]
@@ -341,14 +373,3 @@ def writable(value: Any) -> Any:
         return {k: writable(v) for k, v in value.items()}
     return value
 
-
-def has_arrays(value: Any) -> bool:
-    """True when ``value`` holds a read-only numpy array anywhere."""
-    t = type(value)
-    if t is np.ndarray:
-        return True
-    if t is list or t is tuple:
-        return any(has_arrays(x) for x in value)
-    if t is dict:
-        return any(has_arrays(v) for v in value.values())
-    return False

@@ -177,7 +177,11 @@ def parse_reason(body: Any) -> str:
 def error_body(exc: BaseException) -> dict:
     """The body of an ``error`` reply for an exception raised by an env."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"type": type(exc).__qualname__, "message": str(exc)[:4000], "traceback": tb[-20000:]}
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not stop the error reply
+        message = "<exception str() failed>"
+    return {"type": type(exc).__qualname__, "message": message[:4000], "traceback": tb[-20000:]}
 
 
 def parse_error(body: Any, origin: str) -> RemoteEnvError:

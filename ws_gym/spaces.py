@@ -35,12 +35,17 @@ def space_to_schema(space: spaces.Space, _path: str = "space") -> dict[str, Any]
     """Describe ``space`` as a JSON-ready dict."""
     t = type(space)
     if t is spaces.Box:
+        if space.dtype.kind == "f" and space.dtype.itemsize > 8:
+            raise UnsupportedSpaceError(
+                f"{_path} is {space!r}: its dtype {space.dtype.name} has no lossless JSON form; "
+                f"use float64 or smaller"
+            )
         return {
             "type": "Box",
             "dtype": space.dtype.str,
             "shape": list(space.shape),
-            "low": _values(space.low),
-            "high": _values(space.high),
+            "low": _bounds(space.low, space.bounded_below, "-inf"),
+            "high": _bounds(space.high, space.bounded_above, "inf"),
         }
     if t is spaces.Discrete:
         return {
@@ -68,6 +73,12 @@ def space_to_schema(space: spaces.Space, _path: str = "space") -> dict[str, Any]
             "charset": "".join(space.character_list),
         }
     if t is spaces.Dict:
+        for k in space.spaces:
+            if type(k) is not str:
+                raise UnsupportedSpaceError(
+                    f"{_path} is a Dict with the key {k!r} ({type(k).__name__}); ws_gym can only "
+                    f"send Dict spaces whose keys are strings"
+                )
         return {
             "type": "Dict",
             "spaces": [[k, space_to_schema(s, f"{_path}[{k!r}]")] for k, s in space.spaces.items()],
@@ -100,9 +111,22 @@ def _values(arr: np.ndarray) -> Any:
     flat = np.asarray(arr).reshape(-1)
     if flat.size:
         first = flat[0]
-        if (flat == first).all() or (flat.dtype.kind == "f" and np.isnan(flat).all()):
+        same = flat == first
+        if flat.dtype.kind == "f":  # -0.0 == 0.0, but they are different bounds
+            same &= np.signbit(flat) == np.signbit(first)
+        if same.all() or (flat.dtype.kind == "f" and np.isnan(flat).all()):
             return _scalar(first.item())
     return {"list": [_scalar(x) for x in flat.tolist()]}
+
+
+def _bounds(arr: np.ndarray, bounded: np.ndarray, inf: str) -> Any:
+    """Box bounds. An int Box built from +-inf stores the dtype's min or max but is
+    unbounded there (and samples differently), so those elements are sent as inf."""
+    if arr.dtype.kind not in "iu" or bounded.all():
+        return _values(arr)
+    if not bounded.any():
+        return inf
+    return {"list": [x if b else inf for x, b in zip(arr.reshape(-1).tolist(), bounded.reshape(-1).tolist())]}
 
 
 # ---------------------------------------------------------------- from schema
@@ -119,9 +143,15 @@ def schema_to_space(schema: Any, _depth: int = 0) -> spaces.Space:
         if kind == "Box":
             dtype = _dtype(schema.get("dtype"), _NUMERIC_KINDS)
             shape = _shape(schema.get("shape"))
-            low = _array(schema.get("low"), shape, dtype)
-            high = _array(schema.get("high"), shape, dtype)
-            return spaces.Box(low=low, high=high, shape=shape, dtype=dtype)
+            low, low_inf = _array(schema.get("low"), shape, dtype, "-inf")
+            high, high_inf = _array(schema.get("high"), shape, dtype, "inf")
+            if dtype.kind == "u" and (low_inf.any() or high_inf.any()):
+                raise ProtocolError("an unsigned int Box cannot have infinite bounds")
+            box = spaces.Box(low=low, high=high, shape=shape, dtype=dtype)
+            if low_inf is not None:  # int Box: unbounded where the schema says inf
+                box.bounded_below = ~low_inf
+                box.bounded_above = ~high_inf
+            return box
         if kind == "Discrete":
             return spaces.Discrete(
                 _int(schema.get("n")), start=_int(schema.get("start")),
@@ -130,12 +160,14 @@ def schema_to_space(schema: Any, _depth: int = 0) -> spaces.Space:
         if kind == "MultiDiscrete":
             dtype = _dtype(schema.get("dtype"), "iu")
             shape = _shape(schema.get("shape"))
-            nvec = _array(schema.get("nvec"), shape, dtype)
-            start = _array(schema.get("start"), shape, dtype)
+            nvec, _ = _array(schema.get("nvec"), shape, dtype)
+            start, _ = _array(schema.get("start"), shape, dtype)
             return spaces.MultiDiscrete(nvec, dtype=dtype, start=start)
         if kind == "MultiBinary":
             n = schema.get("n")
-            return spaces.MultiBinary(_int(n) if not isinstance(n, list) else list(_shape(n)))
+            if isinstance(n, list):
+                return spaces.MultiBinary(list(_shape(n)))
+            return spaces.MultiBinary(_shape([_int(n)])[0])
         if kind == "Text":
             charset = schema.get("charset")
             if not isinstance(charset, str) or not charset:
@@ -152,7 +184,7 @@ def schema_to_space(schema: Any, _depth: int = 0) -> spaces.Space:
                 if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
                     raise ProtocolError("Dict schema needs a list of [key, schema] pairs")
                 out[pair[0]] = schema_to_space(pair[1], _depth + 1)
-            return spaces.Dict(out)
+            return spaces.Dict(list(out.items()))  # pairs: keep the order, do not sort
         if kind == "Tuple":
             items = schema.get("spaces")
             if not isinstance(items, list):
@@ -183,10 +215,12 @@ def _dtype(value: Any, kinds: str) -> np.dtype:
         raise ProtocolError(f"bad dtype {_short(value)}")
     try:
         dtype = np.dtype(value)
-    except TypeError:
+    except Exception:  # TypeError, but also SyntaxError for "," or ValueError
         raise ProtocolError(f"bad dtype {_short(value)}") from None
     if dtype.kind not in kinds or dtype.fields is not None or dtype.subdtype is not None:
         raise ProtocolError(f"dtype {value!r} is not allowed here")
+    if dtype.kind == "f" and dtype.itemsize > 8:
+        raise ProtocolError(f"dtype {value!r} (long double) is not allowed")
     return dtype
 
 
@@ -203,20 +237,45 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _number(x: Any) -> Any:
-    if isinstance(x, str):
-        if x in ("nan", "inf", "-inf"):
+def _number(x: Any, dtype: np.dtype, inf: str | None) -> Any:
+    """One value for ``dtype``: a bool for bool, an int for ints (or ``inf``, the
+    one infinity an int Box bound may have), a number or nan/inf/-inf for floats."""
+    kind, t = dtype.kind, type(x)
+    if kind == "f":
+        if t is int or t is float:
+            return x
+        if t is str and x in ("nan", "inf", "-inf"):
             return float(x)
-        raise ProtocolError(f"bad number {_short(x)}")
-    if type(x) not in (int, float):
-        raise ProtocolError(f"bad number {_short(x)}")
-    return x
+    elif kind == "b":
+        if t is bool:
+            return x
+    elif t is int or (t is str and x == inf):
+        return x
+    raise ProtocolError(f"bad {dtype.name} value {_short(x)}")
 
 
-def _array(value: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _array(
+    value: Any, shape: tuple[int, ...], dtype: np.dtype, inf: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The array a schema value describes, and for int dtypes, where it is infinite."""
     if isinstance(value, dict):
         items = value.get("list")
         if not isinstance(items, list) or len(items) != math.prod(shape):
             raise ProtocolError(f"value list does not match shape {shape}")
-        return np.array([_number(x) for x in items], dtype=dtype).reshape(shape)
-    return np.full(shape, _number(value), dtype=dtype)
+        values = [_number(x, dtype, inf) for x in items]
+        if dtype.kind not in "iu":
+            return np.array(values, dtype=dtype).reshape(shape), None
+        infinite = [type(x) is str for x in values]
+        if any(infinite):
+            info = np.iinfo(dtype)
+            limit = int(info.min) if inf == "-inf" else int(info.max)
+            values = [limit if i else x for x, i in zip(values, infinite)]
+        return np.array(values, dtype=dtype).reshape(shape), np.array(infinite, bool).reshape(shape)
+    value = _number(value, dtype, inf)
+    if dtype.kind not in "iu":
+        return np.full(shape, value, dtype=dtype), None
+    infinite = type(value) is str
+    if infinite:
+        info = np.iinfo(dtype)
+        value = int(info.min) if inf == "-inf" else int(info.max)
+    return np.full(shape, value, dtype=dtype), np.full(shape, infinite, bool)

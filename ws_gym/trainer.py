@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import socket
 import sys
 from typing import Any
 
@@ -18,7 +19,7 @@ from gymnasium.vector import AutoresetMode
 
 from . import protocol as P
 from .local import LocalWorkers, split_envs
-from .pool import Expectation, WorkerPool
+from .pool import Expectation, WorkerPool, format_url
 from .spaces import schema_to_space, space_to_schema
 
 log = logging.getLogger("ws_gym")
@@ -133,8 +134,12 @@ class Trainer:
         self._spaces: tuple | None = None
 
     def worker_command(self) -> str:
+        """The command a user runs on a PC to serve envs to this trainer."""
+        url = self.url
+        if self.pool.host in ("0.0.0.0", "::", ""):  # listening everywhere: name this machine
+            url = format_url(socket.gethostname(), self.pool.port)
         env = f" --env {self.env_id}" if self.env_id else " --env ENV_ID"
-        return f"python -m ws_gym.worker --url {self.url}{env} --num-envs K"
+        return f"python -m ws_gym.worker --url {url}{env} --num-envs K"
 
     def _check_local(self) -> None:
         if self.local is not None:

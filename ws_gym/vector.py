@@ -32,6 +32,12 @@ def own(value: Any) -> Any:
     """A received value made the user's own: writable arrays, reprs flagged once."""
     t = type(value)
     if t is np.ndarray:
+        if value.dtype.kind == "O":  # its items may be read-only views or reprs
+            out = np.empty(value.shape, dtype=object)
+            flat = out.reshape(-1)
+            for n, x in enumerate(value.flat):
+                flat[n] = own(x)
+            return out
         return value.copy()
     if t is dict:
         return {k: own(v) for k, v in value.items()}
@@ -49,8 +55,6 @@ def own(value: Any) -> Any:
                 stacklevel=3,
             )
         return str(value)
-    if t is np.ndarray:
-        return value.copy()
     return value
 
 
