@@ -337,3 +337,44 @@ def test_local_workers_end_when_the_trainer_dies(how):
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+def test_malformed_replies_raise_protocol_error_not_a_crash():
+    """A buggy or hostile worker gets a clear ProtocolError, never a KeyError."""
+    import threading
+
+    from ws_gym.spaces import space_to_schema
+
+    ref = gym.make("CartPole-v1")
+    ready = {"observation_space": space_to_schema(ref.observation_space),
+             "action_space": space_to_schema(ref.action_space), "render_mode": None, "metadata": {}}
+    bad_replies = [
+        {"o": np.zeros((1, 3), np.float32), "f": []},           # wrong shape
+        {"o": np.zeros((1, 4), np.float64), "f": []},           # wrong dtype
+        {"o": np.zeros((1, 4), np.float32), "f": [[5, {}]]},    # info for an env it does not host
+        "not an object",
+    ]
+    envs = ws_gym.RemoteVectorEnv(1, env_id="CartPole-v1", port=0, connect_timeout=30, step_timeout=10)
+
+    async def rogue():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(envs.url) as ws:
+                await ws.send_bytes(codec.encode(P.HELLO, 0, P.make_hello("CartPole-v1", 1, "rogue")))
+                assert codec.decode((await ws.receive(timeout=10)).data).kind == P.WELCOME
+                await ws.send_bytes(codec.encode(P.READY, 0, ready))
+                assert codec.decode((await ws.receive(timeout=10)).data).kind == P.ACCEPT
+                for body in bad_replies:
+                    req = codec.decode((await ws.receive(timeout=20)).data)
+                    await ws.send_bytes(b"\x00garbage")  # a frame that does not decode: ignored
+                    await ws.send_bytes(codec.encode(P.OK, req.id + 1000, {}))  # unknown id: ignored
+                    await ws.send_bytes(codec.encode(P.OK, req.id, body))
+
+    thread = threading.Thread(target=lambda: asyncio.run(rogue()))
+    thread.start()
+    try:
+        for _ in bad_replies:
+            with pytest.raises(ws_gym.ProtocolError):
+                envs.reset(seed=0)
+    finally:
+        thread.join(timeout=30)
+        envs.close()

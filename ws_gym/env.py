@@ -8,10 +8,17 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
 from . import protocol as P
+from .errors import ProtocolError
 from .trainer import Trainer
 from .vector import own
 
 __all__ = ["RemoteEnv"]
+
+
+def _check(reply: Any, keys: tuple[str, ...], origin: str) -> None:
+    """Validate the shape of a single-env reply before using it."""
+    if type(reply) is not dict or not all(k in reply for k in keys) or type(reply["info"]) is not dict:
+        raise ProtocolError(f"{origin} sent a malformed reply (expected keys {keys})")
 
 
 class RemoteEnv(gym.Env):
@@ -91,11 +98,13 @@ class RemoteEnv(gym.Env):
         if not self._loaded:
             self._load()
         (reply,) = self._trainer.request([(worker, P.RESET, {"seeds": seed, "options": options})])
+        _check(reply, ("o", "info"), worker.origin)
         return own(reply["o"]), own(reply["info"])
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
         worker = self._trainer.pool.serving()[0]
         (reply,) = self._trainer.request([(worker, P.STEP, {"a": action})])
+        _check(reply, ("o", "r", "t", "u", "info"), worker.origin)
         return own(reply["o"]), reply["r"], reply["t"], reply["u"], own(reply["info"])
 
     def render(self) -> Any:

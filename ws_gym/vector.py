@@ -20,6 +20,7 @@ from gymnasium.vector.utils import batch_space
 
 from . import protocol as P
 from .codec import Unencodable
+from .errors import ProtocolError
 from .trainer import Trainer, autoreset_value
 
 __all__ = ["RemoteVectorEnv"]
@@ -78,6 +79,51 @@ def cut(space: gym.Space, batch: Any, a: int, b: int) -> Any:
     if isinstance(space, spaces.Tuple):
         return tuple(cut(sub, batch[j], a, b) for j, sub in enumerate(space.spaces))
     return tuple(batch[a:b])
+
+
+def check_batch(space: gym.Space, value: Any, count: int, what: str) -> None:
+    """Raise ProtocolError unless ``value`` is a batch of ``count`` elements of ``space``."""
+    if isinstance(space, _ARRAY_SPACES):
+        if type(value) is not np.ndarray or value.shape != (count, *space.shape) or value.dtype != space.dtype:
+            got = f"{value.dtype} {value.shape}" if type(value) is np.ndarray else type(value).__name__
+            raise ProtocolError(f"{what}: expected {space.dtype} {(count, *space.shape)}, got {got}")
+    elif isinstance(space, spaces.Dict):
+        if type(value) is not dict or value.keys() != space.spaces.keys():
+            raise ProtocolError(f"{what}: expected a dict with keys {list(space.spaces)}")
+        for k, sub in space.spaces.items():
+            check_batch(sub, value[k], count, f"{what}[{k!r}]")
+    elif isinstance(space, spaces.Tuple):
+        if type(value) is not tuple or len(value) != len(space.spaces):
+            raise ProtocolError(f"{what}: expected a tuple of {len(space.spaces)}")
+        for j, sub in enumerate(space.spaces):
+            check_batch(sub, value[j], count, f"{what}[{j}]")
+    elif type(value) is not tuple or len(value) != count or not all(type(x) is str for x in value):
+        raise ProtocolError(f"{what}: expected a tuple of {count} strings")
+
+
+def check_reply(reply: Any, count: int, space: gym.Space, origin: str, *, step: bool) -> None:
+    """Validate a worker's reset/step reply before anything of it is used."""
+    if type(reply) is not dict:
+        raise ProtocolError(f"{origin} sent a reply that is not an object")
+    check_batch(space, reply.get("o"), count, f"{origin}: observations")
+    if step:
+        for key, dtype in (("r", np.float64), ("t", np.bool_), ("u", np.bool_)):
+            arr = reply.get(key)
+            if type(arr) is not np.ndarray or arr.shape != (count,) or arr.dtype != dtype:
+                raise ProtocolError(f"{origin}: {key!r} must be a {np.dtype(dtype)} array of {count}")
+    log = reply.get("f")
+    if type(log) is not list:
+        raise ProtocolError(f"{origin}: the info log must be a list")
+    for entry in log:
+        if not (type(entry) is list and len(entry) == 2 and type(entry[0]) is int
+                and 0 <= entry[0] < count and type(entry[1]) is dict):
+            raise ProtocolError(f"{origin}: bad info log entry")
+
+
+def check_list(reply: Any, count: int, origin: str) -> list:
+    if type(reply) is not list or len(reply) != count:
+        raise ProtocolError(f"{origin}: expected a list of {count} results")
+    return reply
 
 
 class RemoteVectorEnv(VectorEnv):
@@ -200,6 +246,8 @@ class RemoteVectorEnv(VectorEnv):
         replies = trainer.request(items)
         infos: dict[str, Any] = {}
         for w, reply in zip(asked, replies):
+            check_reply(reply, w.count, self._single_obs, w.origin, step=False)
+        for w, reply in zip(asked, replies):
             self._obs_parts[w] = reply["o"]
             w.fresh = False
             for i, info in reply["f"]:
@@ -222,6 +270,9 @@ class RemoteVectorEnv(VectorEnv):
         replies = trainer.request(items)
         parts = self._obs_parts = {}
         infos: dict[str, Any] = {}
+        space = self._single_obs
+        for w, reply in zip(workers, replies):
+            check_reply(reply, w.count, space, w.origin, step=True)
         for w, reply in zip(workers, replies):
             parts[w] = reply["o"]
             if reply["f"]:
@@ -243,7 +294,7 @@ class RemoteVectorEnv(VectorEnv):
         self._check_open()
         workers = self._trainer.pool.serving()
         replies = self._trainer.request([(w, P.RENDER, {}) for w in workers])
-        return tuple(own(frame) for reply in replies for frame in reply)
+        return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         """Call (or read) ``name`` on every env; a tuple of results in env order."""
@@ -251,7 +302,7 @@ class RemoteVectorEnv(VectorEnv):
         workers = self._trainer.pool.serving()
         body = {"name": name, "args": list(args), "kwargs": kwargs}
         replies = self._trainer.request([(w, P.CALL, body) for w in workers])
-        return tuple(own(x) for reply in replies for x in reply)
+        return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         """The attribute ``name`` of every env."""
