@@ -43,12 +43,13 @@ import ws_gym  # registers ws_gym/Remote-v0, ws_gym/StaticImage-v0
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10_000,
-                   help="timed step() calls per case and repetition (a vector step counts num-envs env-steps)")
+                   help="timed step() calls per case and repetition (default 10000); "
+                        "one vector step counts num-envs env-steps")
     p.add_argument("--warmup", type=int, default=200, help="untimed step() calls after reset (default 200)")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all cases; the median is reported (default 3)")
     p.add_argument("--num-envs", type=int, default=8, help="envs per vector env (default 8)")
     p.add_argument("--workers", type=int, default=2, help="local workers per RemoteVectorEnv (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed for reset() and the pre-sampled actions")
+    p.add_argument("--seed", type=int, default=0, help="seed for reset() and the pre-sampled actions (default 0)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results to PATH as JSON")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 500 steps, 50 warm-up steps, 1 repetition")

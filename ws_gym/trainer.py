@@ -26,8 +26,9 @@ log = logging.getLogger("ws_gym")
 
 
 def _say(text: str) -> None:
-    """Log at INFO; print to stderr when the user configured no logging at all."""
-    if log.isEnabledFor(logging.INFO) and (log.hasHandlers()):
+    """Progress for the user: through logging when the application configured
+    any (so its levels apply), else on stderr so the first run is never silent."""
+    if log.hasHandlers():
         log.info("%s", text)
     else:
         print(f"ws_gym: {text}", file=sys.stderr, flush=True)
@@ -164,7 +165,8 @@ class Trainer:
         def progress(have: int) -> None:
             if local:
                 if not self._waited:
-                    _say(f"starting {len(self.local.procs)} local workers for {self.num_envs} envs")
+                    n = len(self.local.procs)
+                    _say(f"starting {n} local worker{'s' if n > 1 else ''} for {self.num_envs} envs")
             else:
                 _say(
                     f"waiting for workers: {have}/{self.num_envs} envs connected to {self.url}; "
