@@ -249,9 +249,11 @@ def test_remote_exception_carries_type_message_and_traceback():
         envs.close()
 
 
-def test_worker_lost_mid_call_raises_promptly():
-    envs = ws_gym.RemoteVectorEnv(2, env_id="tests.envs:Crash-v0", port=0, local_workers=2, step_timeout=120)
+def test_worker_lost_mid_call_raises_promptly_and_reset_takes_a_new_worker(cli_workers):
+    envs = ws_gym.RemoteVectorEnv(2, env_id="tests.envs:Crash-v0", port=0, step_timeout=120, connect_timeout=60)
     try:
+        for _ in range(2):
+            cli_workers.start("--url", envs.url, "--env", "tests.envs:Crash-v0")
         envs.reset(seed=0)
         t0 = time.monotonic()
         with pytest.raises(ws_gym.WorkerLostError):
@@ -259,8 +261,27 @@ def test_worker_lost_mid_call_raises_promptly():
         assert time.monotonic() - t0 < 30, "must not wait for step_timeout"
         with pytest.raises(ws_gym.WorkerLostError, match="no worker"):
             envs.step(np.array([0, 0]))
+        # a new worker takes the free env; reset() waits for it, then all is well
+        cli_workers.start("--url", envs.url, "--env", "tests.envs:Crash-v0")
+        obs, _ = envs.reset(seed=0)
+        assert obs.shape == (2, 2)
+        envs.step(np.array([0, 0]))
     finally:
         envs.close()
+
+
+def test_a_crashed_local_worker_is_restarted_at_reset():
+    envs = ws_gym.RemoteVectorEnv(2, env_id="tests.envs:Crash-v0", port=0, local_workers=2, connect_timeout=60)
+    try:
+        envs.reset(seed=0)
+        with pytest.raises(ws_gym.WorkerLostError):
+            envs.step(np.array([0, 1]))
+        envs.reset(seed=0)
+        envs.step(np.array([0, 0]))
+        pids = [p.pid for p in envs._trainer.local.procs]
+    finally:
+        envs.close()
+    assert all(pid_gone(p) for p in pids)  # the restarted one too
 
 
 def test_step_timeout_bounds_a_call():
@@ -377,4 +398,17 @@ def test_malformed_replies_raise_protocol_error_not_a_crash():
                 envs.reset(seed=0)
     finally:
         thread.join(timeout=30)
+        envs.close()
+
+
+def test_waiting_logs_progress_and_the_worker_command(caplog):
+    envs = ws_gym.RemoteVectorEnv(3, env_id="CartPole-v1", port=0, connect_timeout=0.5)
+    try:
+        with caplog.at_level(logging.INFO, logger="ws_gym"):
+            with pytest.raises(ws_gym.ConnectTimeoutError, match="3 missing"):
+                envs.reset()
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        assert "0/3 envs connected" in text
+        assert f"python -m ws_gym.worker --url {envs.url} --env CartPole-v1" in text
+    finally:
         envs.close()

@@ -21,6 +21,8 @@ from .protocol import TOKEN_ENV
 log = logging.getLogger("ws_gym")
 
 _live: "weakref.WeakSet[LocalWorkers]" = weakref.WeakSet()
+MAX_RESTARTS = 3
+EXIT_REFUSED, EXIT_UNAUTHORIZED = 2, 3  # the worker's exit codes that a restart cannot fix
 
 
 def split_envs(num_envs: int, workers: int) -> list[int]:
@@ -46,6 +48,9 @@ class LocalWorkers:
         else:
             env.pop(TOKEN_ENV, None)
         self.procs: list[subprocess.Popen] = []
+        self._env = env
+        self._cmds: list[list[str]] = []
+        self._restarts = [0] * len(counts)
         try:
             for i, count in enumerate(counts):
                 cmd = [
@@ -55,21 +60,37 @@ class LocalWorkers:
                     "--retry-timeout", "30", "--log-level", "WARNING",
                     "--name", f"local-{i}",
                 ]
-                self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env))
+                self._cmds.append(cmd)
+                self.procs.append(self._spawn(cmd))
         except BaseException:
             self.close()
             raise
         _live.add(self)
 
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, env=self._env)
+
     def check(self) -> None:
-        """Raise if a worker has exited while the trainer still needs it."""
+        """Restart a worker that crashed; raise if one was refused or keeps dying.
+
+        Called while the trainer waits for workers, so a crashed local worker
+        (an env that killed its process, say) is replaced at the next reset.
+        """
         for i, proc in enumerate(self.procs):
             code = proc.poll()
-            if code is not None:
+            if code is None:
+                continue
+            if code in (EXIT_REFUSED, EXIT_UNAUTHORIZED) or self._restarts[i] >= MAX_RESTARTS:
                 raise WsGymError(
-                    f"local worker {i} (pid {proc.pid}) exited with code {code} before serving; "
-                    "its log is above"
+                    f"local worker {i} (pid {proc.pid}) exited with code {code}"
+                    + (" after %d restarts" % self._restarts[i] if self._restarts[i] else "")
+                    + "; its log is above"
                 )
+            log.warning("local worker %d (pid %d) exited with code %s; restarting it", i, proc.pid, code)
+            if proc.stdin is not None:
+                proc.stdin.close()
+            self._restarts[i] += 1
+            self.procs[i] = self._spawn(self._cmds[i])
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pipes (workers exit), then terminate and kill what is left."""

@@ -34,6 +34,7 @@ from .errors import (
     WorkerLostError,
     WsGymError,
 )
+from .wsio import receive_message
 
 log = logging.getLogger("ws_gym")
 
@@ -228,16 +229,6 @@ class WorkerPool:
             except (ConnectionError, RuntimeError):
                 pass
 
-    async def _receive(self, ws: web.WebSocketResponse, timeout: float) -> codec.Message:
-        msg = await ws.receive(timeout=timeout)
-        if msg.type == aiohttp.WSMsgType.BINARY:
-            return codec.decode(msg.data)
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-            raise ConnectionResetError("closed during the handshake")
-        if msg.type == aiohttp.WSMsgType.ERROR:
-            raise ConnectionResetError(f"error during the handshake: {ws.exception()!r}")
-        raise ProtocolError(f"expected a binary hello, got a {msg.type.name} message")
-
     def _admit(self, hello: P.Hello, peer: str, ws: web.WebSocketResponse) -> WorkerConn:
         """Decide on a hello: reserve a run of free slots, or raise HandshakeError."""
         with self._cond:
@@ -274,7 +265,7 @@ class WorkerPool:
         return (start, self.num_envs - start) if start is not None else (0, 0)
 
     async def _handshake(self, ws: web.WebSocketResponse, peer: str) -> WorkerConn | None:
-        msg = await self._receive(ws, self.handshake_timeout)
+        msg = await receive_message(ws, self.handshake_timeout, "during the handshake")
         if msg.kind != P.HELLO:
             raise ProtocolError(f"the first message must be hello, got {msg.kind!r}")
         hello = P.parse_hello(msg.body)
@@ -290,7 +281,7 @@ class WorkerPool:
                 max_episode_steps=self.expect.max_episode_steps,
             )
             await ws.send_bytes(codec.encode(P.WELCOME, 0, P.make_welcome(welcome), strict=True))
-            msg = await self._receive(ws, self.ready_timeout)
+            msg = await receive_message(ws, self.ready_timeout, "during the handshake")
             if msg.kind == P.ERROR:
                 err = P.parse_error(msg.body, conn.origin)
                 text = f"{conn.origin} could not start its envs: {err.remote_type}: {err.remote_message}"
@@ -486,6 +477,8 @@ class WorkerPool:
         """Send one request to each (worker, kind, body) and wait for every reply."""
         if self._closed:
             raise WsGymError("the trainer is closed")
+        if not items:
+            return []
         with self._call_lock:
             batch = []
             for conn, kind, body in items:

@@ -28,6 +28,7 @@ from . import codec
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import EnvHost
+from .wsio import receive_message
 
 log = logging.getLogger("ws_gym.worker")
 
@@ -36,7 +37,7 @@ TOKEN_HEADER = P.TOKEN_HEADER
 DEFAULT_MAX_MSG = 256 * 1024 * 1024
 
 EXIT_OK = 0
-EXIT_REFUSED = 2
+EXIT_REFUSED = 2  # also in ws_gym.local, which must not import this module
 EXIT_UNAUTHORIZED = 3
 EXIT_GAVE_UP = 4
 
@@ -68,17 +69,6 @@ def env_allowed(env_id: str, *, fixed: str | None, allow_import: bool) -> str | 
             "start the worker with --allow-import or --env to allow it"
         )
     return None
-
-
-async def _recv(ws: aiohttp.ClientWebSocketResponse, timeout: float | None) -> codec.Message:
-    msg = await ws.receive(timeout=timeout)
-    if msg.type == aiohttp.WSMsgType.BINARY:
-        return codec.decode(msg.data)
-    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-        raise ConnectionResetError("the trainer closed the connection")
-    if msg.type == aiohttp.WSMsgType.ERROR:
-        raise ConnectionResetError(f"connection error: {ws.exception()!r}")
-    raise ProtocolError(f"unexpected {msg.type.name} message")
 
 
 class Worker:
@@ -160,7 +150,7 @@ class Worker:
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         await ws.send_bytes(codec.encode(P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name)))
-        msg = await _recv(ws, 60)
+        msg = await receive_message(ws, 60, "during the handshake")
         if msg.kind == P.REFUSE:
             raise HandshakeError(P.parse_reason(msg.body))
         if msg.kind != P.WELCOME:
@@ -179,7 +169,7 @@ class Worker:
             await ws.send_bytes(codec.encode(P.ERROR, 0, P.error_body(exc)))
             raise HandshakeError(f"could not create env {welcome.env_id!r}: {exc}") from exc
         await ws.send_bytes(codec.encode(P.READY, 0, self.host.ready_body()))
-        msg = await _recv(ws, 60)
+        msg = await receive_message(ws, 60, "during the handshake")
         if msg.kind == P.REFUSE:
             raise HandshakeError(P.parse_reason(msg.body))
         if msg.kind != P.ACCEPT:
