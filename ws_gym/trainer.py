@@ -17,6 +17,7 @@ from typing import Any
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
+from . import codec
 from . import protocol as P
 from .local import LocalWorkers, split_envs
 from .pool import Expectation, WorkerPool, format_url
@@ -110,6 +111,10 @@ class Trainer:
         self.connect_timeout = float(connect_timeout)
         self.step_timeout = None if step_timeout is None else float(step_timeout)
         env_kwargs = dict(env_kwargs or {})
+        try:  # they travel in the welcome message: fail here, not in a handshake
+            codec.encode(P.WELCOME, 0, env_kwargs, strict=True)
+        except codec.EncodeError as exc:
+            raise TypeError(f"env_kwargs cannot be sent to workers: {exc}") from None
         expect = Expectation(
             env_id=env_id,
             env_kwargs=env_kwargs,
