@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -158,7 +159,7 @@ class Worker:
         welcome = P.parse_welcome(codec.writable(msg.body))
         why = env_allowed(welcome.env_id, fixed=self.env_id, allow_import=self.allow_import)
         if why is None and self.env_kwargs is not None:
-            welcome = P.Welcome(**{**welcome.__dict__, "env_kwargs": {**welcome.env_kwargs, **self.env_kwargs}})
+            welcome = dataclasses.replace(welcome, env_kwargs={**welcome.env_kwargs, **self.env_kwargs})
         if why is not None:
             await ws.send_bytes(codec.encode(P.ERROR, 0, {"type": "Refused", "message": why, "traceback": ""}))
             raise HandshakeError(why)
