@@ -412,3 +412,27 @@ def test_waiting_logs_progress_and_the_worker_command(caplog):
         assert f"python -m ws_gym.worker --url {envs.url} --env CartPole-v1" in text
     finally:
         envs.close()
+
+
+def test_exit_without_close_is_prompt_and_polite():
+    """An env the user forgot to close is closed at exit: no hang, no orphans."""
+    script = textwrap.dedent("""
+        import gymnasium as gym, ws_gym
+        envs = gym.make_vec("ws_gym/Remote-v0", num_envs=4, env_id="CartPole-v1", port=0, local_workers=2)
+        envs.reset(seed=0)
+        print(" ".join(str(p.pid) for p in envs._trainer.local.procs), flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 3, "exit waited on a timeout"
+        assert proc.returncode == 0
+        assert "disconnected" not in err and "Traceback" not in err, err
+        wait_until(lambda: all(pid_gone(p) for p in pids), 10, "local workers to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

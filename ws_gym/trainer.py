@@ -8,10 +8,12 @@ the first worker's handshake.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import socket
 import sys
+import weakref
 from typing import Any
 
 import gymnasium as gym
@@ -24,6 +26,19 @@ from .pool import Expectation, WorkerPool, format_url
 from .spaces import schema_to_space, space_to_schema
 
 log = logging.getLogger("ws_gym")
+
+# Trainers not closed by the user are closed at exit, while the loop thread can
+# still run (a __del__ during interpreter shutdown could only wait for it).
+_open: "weakref.WeakSet[Trainer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_trainers() -> None:
+    for trainer in list(_open):
+        try:
+            trainer.close()
+        except Exception as exc:  # noqa: BLE001 - exiting regardless
+            log.debug("closing a trainer at exit: %r", exc)
 
 
 def _say(text: str) -> None:
@@ -136,8 +151,8 @@ class Trainer:
         except BaseException:
             self.pool.close()
             raise
-        self._ready: P.Ready | None = None
         self._spaces: tuple | None = None
+        _open.add(self)
 
     def worker_command(self) -> str:
         """The command a user runs on a PC to serve envs to this trainer."""
@@ -185,6 +200,7 @@ class Trainer:
         return self.pool.request(items, self.step_timeout if timeout == -1 else timeout)
 
     def close(self) -> None:
+        _open.discard(self)
         try:
             self.pool.close()
         finally:
