@@ -227,6 +227,9 @@ def test_render_call_get_set_attr():
         assert envs.call("shout", "yo", times=2) == (("YOYO", 1),) * 3
         with pytest.raises(ValueError):
             envs.set_attr("greeting", ["too", "few"])
+        with pytest.raises(TypeError, match="cannot be sent"):
+            envs.call("shout", object())  # arguments must cross the wire exactly
+        assert envs.call("shout", "ok") == (("OK", 1),) * 3  # and nothing was sent
     finally:
         envs.close()
         ref.close()

@@ -474,7 +474,11 @@ class WorkerPool:
             return self.expect.ready
 
     def request(self, items: list[tuple[WorkerConn, str, Any]], timeout: float | None) -> list[Any]:
-        """Send one request to each (worker, kind, body) and wait for every reply."""
+        """Send one request to each (worker, kind, body) and wait for every reply.
+
+        Encoding is strict: an argument with no wire form raises
+        ``codec.EncodeError`` (a TypeError) here rather than reach the env as a repr.
+        """
         if self._closed:
             raise WsGymError("the trainer is closed")
         if not items:
@@ -483,7 +487,7 @@ class WorkerPool:
             batch = []
             for conn, kind, body in items:
                 rid = next(self._req_ids)
-                batch.append((conn, rid, codec.encode(kind, rid, body)))
+                batch.append((conn, rid, codec.encode(kind, rid, body, strict=True)))
             call = _Call(len(batch))
             self._loop.call_soon_threadsafe(self._dispatch, call, batch)
             if not call.lock.acquire(timeout=-1 if timeout is None else timeout):
