@@ -119,6 +119,8 @@ def test_extra_worker_is_told_it_is_not_needed(cli_workers):
         code, out = cli_workers.finish(w)
         assert code == P_EXIT_REFUSED and "not needed" in out
         envs.step(np.array([0, 1]))  # the real workers still serve
+        with pytest.raises(ValueError, match="batch of 2 actions"):
+            envs.step(np.array([0, 1, 1]))
     finally:
         envs.close()
 

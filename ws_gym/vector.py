@@ -260,9 +260,13 @@ class RemoteVectorEnv(VectorEnv):
         self._check_open()
         trainer = self._trainer
         workers = trainer.pool.serving()
+        if isinstance(self._single_act, _ARRAY_SPACES):
+            actions = np.asarray(actions)
+            if actions.shape[:1] != (self.num_envs,):
+                raise ValueError(
+                    f"expected a batch of {self.num_envs} actions, got an array of shape {actions.shape}"
+                )
         if len(workers) == 1:
-            if not isinstance(actions, (np.ndarray, dict, tuple)):
-                actions = np.asarray(actions)
             items = [(workers[0], P.STEP, {"a": actions})]
         else:
             space = self._single_act
