@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import orjson
@@ -354,22 +354,25 @@ def _unpack_tagged(tag: str, node: dict, arrays: list, depth: int) -> Any:
     raise ProtocolError(f"unknown tag {tag!r}")
 
 
-def writable(value: Any) -> Any:
-    """Return ``value`` with every numpy array in it replaced by a writable copy."""
+def writable(value: Any, leaf: Callable[[Any], Any] | None = None) -> Any:
+    """Return ``value`` with every numpy array in it replaced by a writable copy.
+
+    ``leaf``, when given, maps every other non-container value (the trainer uses
+    it to turn ``Unencodable`` reprs into plain strings, with a warning).
+    """
     t = type(value)
     if t is np.ndarray:
         if value.dtype.kind == "O":  # its items may be read-only views too
             out = np.empty(value.shape, dtype=object)
             flat = out.reshape(-1)
             for n, x in enumerate(value.flat):
-                flat[n] = writable(x)
+                flat[n] = writable(x, leaf)
             return out
         return value.copy() if not value.flags.writeable else value
     if t is list:
-        return [writable(x) for x in value]
+        return [writable(x, leaf) for x in value]
     if t is tuple:
-        return tuple(writable(x) for x in value)
+        return tuple(writable(x, leaf) for x in value)
     if t is dict:
-        return {k: writable(v) for k, v in value.items()}
-    return value
-
+        return {k: writable(v, leaf) for k, v in value.items()}
+    return value if leaf is None else leaf(value)

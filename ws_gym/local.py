@@ -16,13 +16,12 @@ import sys
 import weakref
 
 from .errors import WsGymError
-from .protocol import TOKEN_ENV
+from .protocol import EXIT_REFUSED, EXIT_UNAUTHORIZED, TOKEN_ENV
 
 log = logging.getLogger("ws_gym")
 
 _live: "weakref.WeakSet[LocalWorkers]" = weakref.WeakSet()
 MAX_RESTARTS = 3
-EXIT_REFUSED, EXIT_UNAUTHORIZED = 2, 3  # the worker's exit codes that a restart cannot fix
 
 
 def split_envs(num_envs: int, workers: int) -> list[int]:

@@ -33,6 +33,12 @@ PROTOCOL_VERSION = 1
 TOKEN_HEADER = "X-WS-Gym-Token"
 TOKEN_ENV = "WS_GYM_TOKEN"  # where the worker CLI looks for it (keeps it out of `ps`)
 
+# The worker's exit codes (ws_gym.local reads them to decide whether to restart one).
+EXIT_OK = 0
+EXIT_REFUSED = 2  # refused in the handshake: version, env, spaces, not needed
+EXIT_UNAUTHORIZED = 3  # wrong or missing token
+EXIT_GAVE_UP = 4  # no trainer within --retry-timeout
+
 HELLO = "hello"
 WELCOME = "welcome"
 REFUSE = "refuse"

@@ -254,6 +254,12 @@ def _number(x: Any, dtype: np.dtype, inf: str | None) -> Any:
     raise ProtocolError(f"bad {dtype.name} value {_short(x)}")
 
 
+def _int_limit(dtype: np.dtype, inf: str | None) -> int:
+    """The value gymnasium stores for an infinite bound of an int Box."""
+    info = np.iinfo(dtype)
+    return int(info.min) if inf == "-inf" else int(info.max)
+
+
 def _array(
     value: Any, shape: tuple[int, ...], dtype: np.dtype, inf: str | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -267,8 +273,7 @@ def _array(
             return np.array(values, dtype=dtype).reshape(shape), None
         infinite = [type(x) is str for x in values]
         if any(infinite):
-            info = np.iinfo(dtype)
-            limit = int(info.min) if inf == "-inf" else int(info.max)
+            limit = _int_limit(dtype, inf)
             values = [limit if i else x for x, i in zip(values, infinite)]
         return np.array(values, dtype=dtype).reshape(shape), np.array(infinite, bool).reshape(shape)
     value = _number(value, dtype, inf)
@@ -276,6 +281,5 @@ def _array(
         return np.full(shape, value, dtype=dtype), None
     infinite = type(value) is str
     if infinite:
-        info = np.iinfo(dtype)
-        value = int(info.min) if inf == "-inf" else int(info.max)
+        value = _int_limit(dtype, inf)
     return np.full(shape, value, dtype=dtype), np.full(shape, infinite, bool)

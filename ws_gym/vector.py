@@ -19,6 +19,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from . import protocol as P
+from . import codec
 from .codec import Unencodable
 from .errors import ProtocolError
 from .trainer import Trainer, autoreset_value
@@ -29,34 +30,24 @@ _ARRAY_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.Multi
 _warned_types: set[str] = set()
 
 
-def own(value: Any) -> Any:
-    """A received value made the user's own: writable arrays, reprs flagged once."""
-    t = type(value)
-    if t is np.ndarray:
-        if value.dtype.kind == "O":  # its items may be read-only views or reprs
-            out = np.empty(value.shape, dtype=object)
-            flat = out.reshape(-1)
-            for n, x in enumerate(value.flat):
-                flat[n] = own(x)
-            return out
-        return value.copy()
-    if t is dict:
-        return {k: own(v) for k, v in value.items()}
-    if t is list:
-        return [own(x) for x in value]
-    if t is tuple:
-        return tuple(own(x) for x in value)
-    if t is Unencodable:
+def _plain(value: Any) -> Any:
+    """A received repr (``Unencodable``) becomes a plain str, with one warning per type."""
+    if type(value) is Unencodable:
         if value.type_name not in _warned_types:
             _warned_types.add(value.type_name)
             warnings.warn(
                 f"ws_gym: a value of type {value.type_name} has no wire form; "
                 f"it arrives as its repr string",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return str(value)
     return value
+
+
+def own(value: Any) -> Any:
+    """A received value made the user's own: writable arrays, reprs flagged once."""
+    return codec.writable(value, _plain)
 
 
 def join(space: gym.Space, parts: list[Any]) -> Any:
