@@ -127,3 +127,38 @@ def test_single_remote_env_equals_gym_make(env_id):
     finally:
         env.close()
         ref.close()
+
+
+def test_record_episode_statistics_in_workers():
+    """Episode statistics recorded inside each worker env land where CleanRL's
+    gymnasium-1.x scripts read them: ``infos["final_info"]["episode"]``."""
+    n, mode = 4, AutoresetMode.SAME_STEP
+    ref = gym.make_vec("CartPole-v1", n, vectorization_mode="sync", vector_kwargs={"autoreset_mode": mode},
+                       wrappers=[gym.wrappers.RecordEpisodeStatistics], max_episode_steps=30)
+    remote = gym.make_vec("ws_gym/Remote-v0", num_envs=n, env_id="CartPole-v1", port=0, local_workers=2,
+                          autoreset_mode=mode, max_episode_steps=30, record_episode_statistics=True)
+    try:
+        remote.reset(seed=9)
+        ref.reset(seed=9)
+        ref.action_space.seed(1)
+        episodes = 0
+        for t in range(120):
+            actions = ref.action_space.sample()
+            _, _, _, _, got = remote.step(actions)
+            _, _, term, trunc, want = ref.step(actions)
+            if not (term | trunc).any():
+                assert "final_info" not in got
+                continue
+            fi_got, fi_want = got["final_info"], want["final_info"]
+            assert_same(fi_got["_episode"], fi_want["_episode"], f"step {t} mask")
+            ep_got, ep_want = fi_got["episode"], fi_want["episode"]
+            assert list(ep_got) == list(ep_want)
+            assert {"r", "l", "t"} <= set(ep_got)
+            for k in ("r", "l", "_r", "_l", "_t"):  # "t" is wall-clock time
+                assert_same(ep_got[k], ep_want[k], f"step {t} episode[{k!r}]")
+            assert ep_got["t"].dtype == ep_want["t"].dtype
+            episodes += int(fi_want["_episode"].sum())
+        assert episodes >= n
+    finally:
+        remote.close()
+        ref.close()

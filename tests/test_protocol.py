@@ -140,7 +140,9 @@ def _wb(**kw):
         None,
         [],
         {},
-        *[{k: v for k, v in _WB.items() if k != missing} for missing in _WB if missing != "max_episode_steps"],
+        *[{k: v for k, v in _WB.items() if k != missing}
+          for missing in _WB if missing not in ("max_episode_steps", "record_episode_statistics")],
+        _wb(record_episode_statistics=1),
         _wb(env_id=None),
         _wb(env_id=""),
         _wb(env_id=3),

@@ -43,6 +43,7 @@ class RemoteEnv(gym.Env):
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
         max_msg_size: int = 256 * 1024 * 1024,
+        record_episode_statistics: bool = False,
     ) -> None:
         # autoreset_mode is accepted for a uniform signature; a single env never autoresets.
         env_kwargs = dict(env_kwargs or {})
@@ -53,7 +54,7 @@ class RemoteEnv(gym.Env):
             host=host, port=port, token=token, local_workers=local_workers,
             autoreset_mode=AutoresetMode.NEXT_STEP, connect_timeout=connect_timeout,
             step_timeout=step_timeout, max_episode_steps=max_episode_steps,
-            max_msg_size=max_msg_size,
+            max_msg_size=max_msg_size, record_episode_statistics=record_episode_statistics,
         )
         self.url: str = self._trainer.url
         self._render_mode = render_mode

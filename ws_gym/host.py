@@ -37,11 +37,16 @@ class _RecordingSyncVectorEnv(SyncVectorEnv):
         return vector_infos
 
 
-def make_env(env_id: str, env_kwargs: dict, max_episode_steps: int | None) -> gym.Env:
+def make_env(
+    env_id: str, env_kwargs: dict, max_episode_steps: int | None, record_episode_statistics: bool = False
+) -> gym.Env:
     kwargs = dict(env_kwargs)
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
-    return gym.make(env_id, **kwargs)
+    env = gym.make(env_id, **kwargs)
+    if record_episode_statistics:  # per env, so "episode" lands in final_info (CleanRL, gymnasium 1.x)
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+    return env
 
 
 def _jsonable_metadata(metadata: dict) -> dict:
@@ -60,7 +65,10 @@ class EnvHost:
     def __init__(self, welcome: P.Welcome) -> None:
         self.welcome = welcome
         self.single = welcome.mode == P.MODE_SINGLE
-        thunk = partial(make_env, welcome.env_id, welcome.env_kwargs, welcome.max_episode_steps)
+        thunk = partial(
+            make_env, welcome.env_id, welcome.env_kwargs, welcome.max_episode_steps,
+            welcome.record_episode_statistics,
+        )
         if self.single:
             self.env: gym.Env = thunk()
             self.venv = None

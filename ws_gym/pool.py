@@ -98,6 +98,7 @@ class Expectation:
     mode: str
     autoreset_mode: str
     max_episode_steps: int | None
+    record_episode_statistics: bool = False
     ready: P.Ready | None = None  # spaces etc., from a local probe or the first worker
 
 
@@ -279,6 +280,7 @@ class WorkerPool:
                 mode=self.expect.mode,
                 autoreset_mode=self.expect.autoreset_mode,
                 max_episode_steps=self.expect.max_episode_steps,
+                record_episode_statistics=self.expect.record_episode_statistics,
             )
             await ws.send_bytes(codec.encode(P.WELCOME, 0, P.make_welcome(welcome), strict=True))
             msg = await receive_message(ws, self.ready_timeout, "during the handshake")

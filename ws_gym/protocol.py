@@ -9,7 +9,8 @@ Handshake (worker dials the trainer)::
 
     worker  -> hello    {protocol, env_id | null, num_envs, name}
     trainer -> welcome  {env_id, env_kwargs, num_envs, first_index, mode,
-                         autoreset_mode, max_episode_steps}      | refuse {reason}
+                         autoreset_mode, max_episode_steps,
+                         record_episode_statistics}             | refuse {reason}
     worker  -> ready    {observation_space, action_space, render_mode, metadata}
                                                                  | error {...}
     trainer -> accept   {}                                       | refuse {reason}
@@ -123,6 +124,7 @@ class Welcome:
     mode: str
     autoreset_mode: str
     max_episode_steps: int | None
+    record_episode_statistics: bool = False
 
 
 def make_welcome(w: Welcome) -> dict:
@@ -134,6 +136,7 @@ def make_welcome(w: Welcome) -> dict:
         "mode": w.mode,
         "autoreset_mode": w.autoreset_mode,
         "max_episode_steps": w.max_episode_steps,
+        "record_episode_statistics": w.record_episode_statistics,
     }
 
 
@@ -147,6 +150,7 @@ def parse_welcome(body: Any) -> Welcome:
     mode = _field(body, "mode", (str,), "welcome")
     autoreset = _field(body, "autoreset_mode", (str,), "welcome")
     steps = _field(body, "max_episode_steps", (int,), "welcome", optional=True)
+    stats = _field(body, "record_episode_statistics", (bool,), "welcome", optional=True) or False
     if not 1 <= num_envs <= MAX_ENVS_PER_WORKER or first < 0:
         raise ProtocolError("welcome: bad env count or index")
     if mode not in (MODE_VECTOR, MODE_SINGLE):
@@ -155,7 +159,7 @@ def parse_welcome(body: Any) -> Welcome:
         raise ProtocolError(f"welcome: unknown autoreset_mode {autoreset!r}")
     if mode == MODE_SINGLE and num_envs != 1:
         raise ProtocolError("welcome: single mode hosts exactly one env")
-    return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps)
+    return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps, stats)
 
 
 @dataclass(frozen=True)

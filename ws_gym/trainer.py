@@ -111,6 +111,7 @@ class Trainer:
         step_timeout: float | None,
         max_episode_steps: int | None,
         max_msg_size: int,
+        record_episode_statistics: bool = False,
     ) -> None:
         if env_id is not None and not isinstance(env_id, str):
             raise TypeError(f"env_id must be a string or None, got {type(env_id).__name__}")
@@ -136,6 +137,7 @@ class Trainer:
             mode=mode,
             autoreset_mode=autoreset_mode.value,
             max_episode_steps=max_episode_steps,
+            record_episode_statistics=bool(record_episode_statistics),
             ready=probe(env_id, env_kwargs, max_episode_steps),
         )
         self.pool = WorkerPool(

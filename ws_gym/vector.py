@@ -141,6 +141,7 @@ class RemoteVectorEnv(VectorEnv):
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
         max_msg_size: int = 256 * 1024 * 1024,
+        record_episode_statistics: bool = False,
     ) -> None:
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -155,7 +156,7 @@ class RemoteVectorEnv(VectorEnv):
             host=host, port=port, token=token, local_workers=local_workers,
             autoreset_mode=self.autoreset_mode, connect_timeout=connect_timeout,
             step_timeout=step_timeout, max_episode_steps=max_episode_steps,
-            max_msg_size=max_msg_size,
+            max_msg_size=max_msg_size, record_episode_statistics=record_episode_statistics,
         )
         self.url: str = self._trainer.url
         self._obs_parts: dict[Any, Any] = {}
