@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import gymnasium as gym
@@ -44,6 +45,11 @@ class RemoteEnv(gym.Env):
         render_mode: str | None = None,
         max_msg_size: int = 256 * 1024 * 1024,
         record_episode_statistics: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        max_pending_handshakes: int = 64,
+        handshake_timeout: float = 10.0,
     ) -> None:
         # autoreset_mode is accepted for a uniform signature; a single env never autoresets.
         env_kwargs = dict(env_kwargs or {})
@@ -55,8 +61,11 @@ class RemoteEnv(gym.Env):
             autoreset_mode=AutoresetMode.NEXT_STEP, connect_timeout=connect_timeout,
             step_timeout=step_timeout, max_episode_steps=max_episode_steps,
             max_msg_size=max_msg_size, record_episode_statistics=record_episode_statistics,
+            ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
+            max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
         )
         self.url: str = self._trainer.url
+        self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
         self._render_mode = render_mode
         self._closed = False
         self._loaded = False

@@ -7,6 +7,11 @@ records every ``_add_info(infos, env_info, i)`` call and sends that log; the
 trainer replays it with gymnasium's ``_add_info`` over all ``num_envs``, so the
 merged infos (keys, order, dtypes, masks) are those of one ``SyncVectorEnv``
 over every env, whatever the split among workers.
+
+With ``vectorization="async"`` (the worker's ``--vectorization async``) the envs
+run in subprocesses, in gymnasium's ``AsyncVectorEnv``, for CPU-heavy envs. It
+merges infos in this process with the same ``_add_info`` calls, so the same
+recording trick gives the same log (see :class:`_RecordingAsyncVectorEnv`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from . import protocol as P
 from .errors import ProtocolError
@@ -35,6 +40,101 @@ class _RecordingSyncVectorEnv(SyncVectorEnv):
         if env_info:
             self.info_log.append([env_num, env_info])
         return vector_infos
+
+
+class _RecordingAsyncVectorEnv(AsyncVectorEnv):
+    """An AsyncVectorEnv whose info log equals ``_RecordingSyncVectorEnv``'s.
+
+    AsyncVectorEnv calls ``_add_info(infos, info, i)`` in this (parent)
+    process, in env order, as SyncVectorEnv does; the differences are made good
+    here:
+
+    - SameStep: at an episode end a subprocess sends one info
+      ``{"final_info": ..., "final_obs": ..., **reset_info}``, where
+      SyncVectorEnv makes two calls, ``{"final_obs", "final_info"}`` then
+      ``reset_info``; the entry is split back into those two.
+    - Disabled: SyncVectorEnv asserts that no ended env is stepped before it is
+      reset; the subprocesses do not check, so it is checked here (before any
+      env steps, where SyncVectorEnv would have stepped the envs before it).
+    - ``reset-noop`` (envs outside a ``reset_mask``) logs ``{}``, which is
+      dropped like every empty info.
+
+    Always run with ``shared_memory=True``: with ``shared_memory=False``,
+    gymnasium 1.x's subprocess does not clear its autoreset flag on an explicit
+    reset, so the next step of a NextStep env reset by hand after an episode
+    end would reset it again instead of stepping it. Every space ws_gym can
+    send has a shared-memory form. ``final_obs`` arrives pickled (a copy of its
+    own), so unlike the sync recorder no deep copy is needed.
+    """
+
+    info_log: list
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.info_log = []
+        self._ended = np.zeros(self.num_envs, dtype=np.bool_)  # Disabled mode only
+
+    def _add_info(self, vector_infos: dict, env_info: dict, env_num: int) -> dict:
+        if env_info:
+            self.info_log.append([env_num, env_info])
+        return vector_infos
+
+    def reset_async(self, seed: Any = None, options: dict | None = None) -> None:
+        mask = options.get("reset_mask") if options else None
+        super().reset_async(seed=seed, options=options)
+        if mask is None:
+            self._ended[:] = False
+        else:
+            self._ended[mask] = False
+
+    def step_async(self, actions: Any) -> None:
+        if self.autoreset_mode == AutoresetMode.DISABLED and self._ended.any():
+            raise AssertionError(f"self._autoreset_envs={self._ended!r}")
+        super().step_async(actions)
+
+    def step_wait(self, timeout: float | None = None) -> tuple:
+        result = super().step_wait(timeout)
+        ended = np.logical_or(result[2], result[3])
+        if self.autoreset_mode == AutoresetMode.DISABLED:
+            self._ended = ended
+        elif self.autoreset_mode == AutoresetMode.SAME_STEP and ended.any():
+            log = []
+            for entry in self.info_log:
+                i, info = entry
+                if ended[i] and "final_obs" in info and "final_info" in info:
+                    rest = dict(info)
+                    log.append([i, {"final_obs": rest.pop("final_obs"), "final_info": rest.pop("final_info")}])
+                    if rest:
+                        log.append([i, rest])
+                else:
+                    log.append(entry)
+            self.info_log = log
+        return result
+
+
+VECTORIZATIONS = ("sync", "async")
+
+
+def check_vectorization(value: Any) -> str:
+    if value not in VECTORIZATIONS:
+        raise ValueError(f"vectorization must be one of {list(VECTORIZATIONS)}, got {value!r}")
+    return value
+
+
+def _terminate(venv: AsyncVectorEnv, timeout: float = 5.0) -> None:
+    """End an AsyncVectorEnv left mid-call by a failed subprocess (its close() would hang or raise)."""
+    for proc in venv.processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in venv.processes:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout)
+    for pipe in venv.parent_pipes:
+        if pipe is not None:
+            pipe.close()
+    venv.closed = True
 
 
 def make_env(
@@ -62,9 +162,12 @@ def _jsonable_metadata(metadata: dict) -> dict:
 class EnvHost:
     """Creates the envs a welcome asks for and answers requests for them."""
 
-    def __init__(self, welcome: P.Welcome) -> None:
+    def __init__(self, welcome: P.Welcome, vectorization: str = "sync") -> None:
         self.welcome = welcome
         self.single = welcome.mode == P.MODE_SINGLE
+        # "async" (envs in subprocesses) applies to vector mode; one plain env runs here.
+        self.vectorization = "sync" if self.single else check_vectorization(vectorization)
+        self.broken: str | None = None  # async: why the subprocesses cannot go on
         thunk = partial(
             make_env, welcome.env_id, welcome.env_kwargs, welcome.max_episode_steps,
             welcome.record_episode_statistics,
@@ -73,6 +176,9 @@ class EnvHost:
             self.env: gym.Env = thunk()
             self.venv = None
             first = self.env
+        elif self.vectorization == "async":
+            self.venv = self._make_async(thunk)
+            first = None
         else:
             self.venv = _RecordingSyncVectorEnv(
                 [thunk] * welcome.num_envs,
@@ -81,12 +187,22 @@ class EnvHost:
             )
             self.venv.info_log = []
             first = self.venv.envs[0]
-        self._ready = {
-            "observation_space": space_to_schema(first.observation_space),
-            "action_space": space_to_schema(first.action_space),
-            "render_mode": first.render_mode,
-            "metadata": _jsonable_metadata(first.metadata),
-        }
+        if first is None:  # async: the parent's copy of what the first env reported
+            venv = self.venv
+            metadata = {k: v for k, v in venv.metadata.items() if k != "autoreset_mode"}
+            first_spaces = (venv.single_observation_space, venv.single_action_space, venv.render_mode, metadata)
+        else:
+            first_spaces = (first.observation_space, first.action_space, first.render_mode, first.metadata)
+        try:
+            self._ready = {
+                "observation_space": space_to_schema(first_spaces[0]),
+                "action_space": space_to_schema(first_spaces[1]),
+                "render_mode": first_spaces[2],
+                "metadata": _jsonable_metadata(first_spaces[3]),
+            }
+        except BaseException:
+            self.close()
+            raise
         self._handlers = {
             P.RESET: self._reset,
             P.STEP: self._step,
@@ -96,6 +212,28 @@ class EnvHost:
             P.CLOSE: self._close,
         }
         self.closed = False
+
+    def _make_async(self, thunk: Any) -> AsyncVectorEnv:
+        welcome = self.welcome
+        try:
+            venv = _RecordingAsyncVectorEnv(
+                [thunk] * welcome.num_envs,
+                shared_memory=True,  # required for exact results: see _RecordingAsyncVectorEnv
+                copy=False,
+                context=None,  # the platform's default: fork on Linux, spawn on macOS and Windows
+                daemon=True,  # ended with the worker if it exits without closing them
+                autoreset_mode=AutoresetMode(welcome.autoreset_mode),
+            )
+        except ValueError as exc:
+            if isinstance(exc.__cause__, gym.error.CustomSpaceError):
+                env = thunk()  # a space with no shared-memory form: say which
+                try:
+                    space_to_schema(env.observation_space)
+                finally:
+                    env.close()
+            raise
+        venv.info_log = []
+        return venv
 
     def ready_body(self) -> dict:
         return self._ready
@@ -107,7 +245,22 @@ class EnvHost:
             raise ProtocolError(f"unknown request kind {kind!r}")
         if not isinstance(body, dict):
             raise ProtocolError(f"{kind}: body must be an object")
-        return handler(body)
+        if self.vectorization == "sync":
+            return handler(body)
+        if self.broken is not None and kind != P.CLOSE:
+            raise RuntimeError(self.broken)
+        try:
+            return handler(body)
+        except ProtocolError:
+            raise
+        except BaseException as exc:
+            # gymnasium's env subprocess ends at the first exception of its env, and an
+            # AsyncVectorEnv cannot recover from that: refuse every later request clearly.
+            self.broken = (
+                f"this worker's env subprocesses cannot go on after an earlier error "
+                f"({type(exc).__name__}: {exc}); restart the worker"
+            )
+            raise
 
     # -- requests ---------------------------------------------------------
 
@@ -191,5 +344,7 @@ class EnvHost:
         self.closed = True
         if self.single:
             self.env.close()
+        elif self.broken is not None:
+            _terminate(self.venv)
         else:
             self.venv.close()

@@ -16,7 +16,7 @@ import sys
 import weakref
 
 from .errors import WsGymError
-from .protocol import EXIT_REFUSED, EXIT_UNAUTHORIZED, TOKEN_ENV
+from .protocol import EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED, TOKEN_ENV
 
 log = logging.getLogger("ws_gym")
 
@@ -35,7 +35,9 @@ def split_envs(num_envs: int, workers: int) -> list[int]:
 class LocalWorkers:
     """A group of ``python -m ws_gym.worker`` processes dialing ``url``."""
 
-    def __init__(self, url: str, counts: list[int], *, token: str | None = None) -> None:
+    def __init__(
+        self, url: str, counts: list[int], *, token: str | None = None, cert_fingerprint: str | None = None
+    ) -> None:
         env = dict(os.environ)
         # The children import what the trainer can import (user env modules too).
         paths = [p for p in sys.path if p]
@@ -59,6 +61,8 @@ class LocalWorkers:
                     "--retry-timeout", "30", "--log-level", "WARNING",
                     "--name", f"local-{i}",
                 ]
+                if cert_fingerprint:  # wss://: trust exactly the trainer's own certificate
+                    cmd += ["--cert-fingerprint", cert_fingerprint]
                 self._cmds.append(cmd)
                 self.procs.append(self._spawn(cmd))
         except BaseException:
@@ -79,7 +83,7 @@ class LocalWorkers:
             code = proc.poll()
             if code is None:
                 continue
-            if code in (EXIT_REFUSED, EXIT_UNAUTHORIZED) or self._restarts[i] >= MAX_RESTARTS:
+            if code in (EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED) or self._restarts[i] >= MAX_RESTARTS:
                 raise WsGymError(
                     f"local worker {i} (pid {proc.pid}) exited with code {code}"
                     + (" after %d restarts" % self._restarts[i] if self._restarts[i] else "")

@@ -12,10 +12,13 @@ worker that disconnects fails its pending requests at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import ipaddress
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from . import codec
+from . import codec, loops
 from . import protocol as P
 from .errors import (
     ConnectTimeoutError,
@@ -68,7 +71,7 @@ class WorkerConn:
 class _Call:
     """One batched call across several workers; the caller blocks on ``lock``."""
 
-    __slots__ = ("lock", "results", "remaining", "error", "done")
+    __slots__ = ("lock", "results", "remaining", "error", "done", "batch")
 
     def __init__(self, n: int) -> None:
         self.lock = threading.Lock()
@@ -77,6 +80,7 @@ class _Call:
         self.remaining = n
         self.error: BaseException | None = None
         self.done = False
+        self.batch: list = []
 
     def finish(self) -> None:
         if not self.done:
@@ -102,9 +106,37 @@ class Expectation:
     ready: P.Ready | None = None  # spaces etc., from a local probe or the first worker
 
 
-def format_url(host: str, port: int) -> str:
+def format_url(host: str, port: int, tls: bool = False) -> str:
     shown = f"[{host}]" if ":" in host else host
-    return f"ws://{shown}:{port}{WS_PATH}"
+    return f"{'wss' if tls else 'ws'}://{shown}:{port}{WS_PATH}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a server bound to ``host``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name: assume others can reach it
+
+
+def certificate_fingerprint(host: str, port: int, timeout: float = 10.0) -> str:
+    """SHA-256 (hex) of the certificate a TLS server on this machine presents.
+
+    The trainer asks its own port, on loopback, so that its local workers can
+    pin exactly that certificate (``--cert-fingerprint``): no CA or host name is
+    involved, which also covers a bare ``ssl_context`` whose files we never see.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # we only read the certificate, to pin it
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise ssl.SSLError(f"the server at {host}:{port} presented no certificate")
+    return hashlib.sha256(der).hexdigest()
 
 
 def loopback_for(host: str) -> str:
@@ -130,14 +162,21 @@ class WorkerPool:
         max_msg_size: int = 256 * 1024 * 1024,
         handshake_timeout: float = 10.0,
         ready_timeout: float = 300.0,
+        max_pending_handshakes: int = 64,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.num_envs = num_envs
         self.expect = expect
         self.host = host
-        self.token = token
+        self.token = token or None  # "" means no token, as None
         self.max_msg_size = max_msg_size
         self.handshake_timeout = handshake_timeout
         self.ready_timeout = ready_timeout
+        self.max_pending_handshakes = max_pending_handshakes
+        self.ssl_context = ssl_context
+        self._pending_handshakes = 0  # connections upgraded but not yet admitted or refused
+        self._busy_rejected = 0  # 503s not logged yet (logged at most once a second)
+        self._busy_logged_at = float("-inf")
         self._cond = threading.Condition()
         self._slots: list[WorkerConn | None] = [None] * num_envs
         self._conns: set[WorkerConn] = set()
@@ -147,7 +186,7 @@ class WorkerPool:
         self._call_lock = threading.Lock()
         self._closing = False
         self._closed = False
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._run_loop, name="ws_gym-trainer-loop", daemon=True)
         self._thread.start()
@@ -157,8 +196,8 @@ class WorkerPool:
         except BaseException:
             self._stop_loop()
             raise
-        self.url = format_url(host, self.port)
-        self.local_url = format_url(loopback_for(host), self.port)
+        self.url = format_url(host, self.port, ssl_context is not None)
+        self.local_url = format_url(loopback_for(host), self.port, ssl_context is not None)
 
     # ------------------------------------------------------------ loop thread
 
@@ -183,7 +222,7 @@ class WorkerPool:
             await self._runner.cleanup()
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}; "
                           "pass port=0 to pick a free port") from None
-        site = web.SockSite(self._runner, sock)
+        site = web.SockSite(self._runner, sock, ssl_context=self.ssl_context)
         await site.start()
         return sock.getsockname()[1]
 
@@ -195,17 +234,29 @@ class WorkerPool:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.token is not None:
             given = request.headers.get(P.TOKEN_HEADER, "")
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode()):
                 log.warning("rejected a connection from %s: wrong or missing token", request.remote)
                 return web.Response(status=401, text="ws_gym: wrong or missing token")
         if self._closing:
             return web.Response(status=503, text="ws_gym: the trainer is closing")
+        if self._pending_handshakes >= self.max_pending_handshakes:
+            self._log_busy(request.remote)
+            return web.Response(
+                status=503,
+                text=f"ws_gym: too many pending handshakes ({self.max_pending_handshakes}); retry later",
+            )
+        self._pending_handshakes += 1
+        pending = True
         ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, compress=False, autoping=True)
-        await ws.prepare(request)
         peer = str(request.remote)
         conn = None
         try:
-            conn = await self._handshake(ws, peer)
+            await ws.prepare(request)
+            try:
+                conn = await self._handshake(ws, peer)
+            finally:
+                self._pending_handshakes -= 1
+                pending = False
             if conn is not None:
                 await self._read_replies(conn)
         except (asyncio.TimeoutError, TimeoutError):
@@ -216,11 +267,29 @@ class WorkerPool:
         except (ConnectionError, aiohttp.ClientError) as exc:
             log.debug("connection from %s ended: %r", peer, exc)
         finally:
+            if pending:  # ws.prepare failed
+                self._pending_handshakes -= 1
             if conn is not None:
                 self._drop(conn)
-            if not ws.closed:
+            too_big = ws.exception()
+            if isinstance(too_big, aiohttp.WebSocketError) and too_big.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                log.warning("closed the connection from %s: a message exceeded max_msg_size (%d bytes)",
+                            peer, self.max_msg_size)
+            if ws.prepared and not ws.closed:
                 await ws.close()
         return ws
+
+    def _log_busy(self, peer: str | None) -> None:
+        """Log 503s for too many pending handshakes: at most one line a second."""
+        self._busy_rejected += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= 1.0:
+            log.warning(
+                "rejected %d connection(s) (latest from %s): %d handshakes pending, the "
+                "max_pending_handshakes limit", self._busy_rejected, peer, self.max_pending_handshakes,
+            )
+            self._busy_rejected = 0
+            self._busy_logged_at = now
 
     async def _refuse(self, ws: web.WebSocketResponse, reason: str) -> None:
         self._note(reason)
@@ -481,26 +550,35 @@ class WorkerPool:
         Encoding is strict: an argument with no wire form raises
         ``codec.EncodeError`` (a TypeError) here rather than reach the env as a repr.
         """
+        return self.wait(self.submit(items), timeout)
+
+    def submit(self, items: list[tuple[WorkerConn, str, Any]]) -> "_Call":
+        """Encode and send the requests without waiting; :meth:`wait` collects the replies."""
         if self._closed:
             raise WsGymError("the trainer is closed")
-        if not items:
-            return []
         with self._call_lock:
             batch = []
             for conn, kind, body in items:
                 rid = next(self._req_ids)
                 batch.append((conn, rid, codec.encode(kind, rid, body, strict=True)))
             call = _Call(len(batch))
-            self._loop.call_soon_threadsafe(self._dispatch, call, batch)
-            if not call.lock.acquire(timeout=-1 if timeout is None else timeout):
-                self._loop.call_soon_threadsafe(self._abandon, call, batch)
-                slow = [c.origin for c, rid, _ in batch]
-                raise StepTimeoutError(
-                    f"no complete answer within {timeout:g} s from {', '.join(slow)}"
-                )
-            if call.error is not None:
-                raise call.error
-            return call.results
+            call.batch = batch
+            if batch:
+                self._loop.call_soon_threadsafe(self._dispatch, call, batch)
+            else:
+                call.finish()
+            return call
+
+    def wait(self, call: "_Call", timeout: float | None) -> list[Any]:
+        """The replies to a submitted call, in request order; raise its error or a timeout."""
+        if not call.lock.acquire(timeout=-1 if timeout is None else timeout):
+            batch = call.batch
+            self._loop.call_soon_threadsafe(self._abandon, call, batch)
+            slow = [c.origin for c, _, _ in batch]
+            raise StepTimeoutError(f"no complete answer within {timeout:g} s from {', '.join(slow)}")
+        if call.error is not None:
+            raise call.error
+        return call.results
 
     def close(self, timeout: float = 5.0) -> None:
         """Tell workers to close their envs, then stop the server and the loop."""

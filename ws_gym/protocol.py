@@ -39,6 +39,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 2  # refused in the handshake: version, env, spaces, not needed
 EXIT_UNAUTHORIZED = 3  # wrong or missing token
 EXIT_GAVE_UP = 4  # no trainer within --retry-timeout
+EXIT_UNTRUSTED = 5  # the trainer's TLS certificate failed verification
 
 HELLO = "hello"
 WELCOME = "welcome"

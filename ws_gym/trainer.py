@@ -11,7 +11,9 @@ from __future__ import annotations
 import atexit
 import importlib
 import logging
+import secrets
 import socket
+import ssl
 import sys
 import weakref
 from typing import Any
@@ -21,8 +23,9 @@ from gymnasium.vector import AutoresetMode
 
 from . import codec
 from . import protocol as P
+from .errors import WsGymError
 from .local import LocalWorkers, split_envs
-from .pool import Expectation, WorkerPool, format_url
+from .pool import Expectation, WorkerPool, certificate_fingerprint, format_url, is_loopback, loopback_for
 from .spaces import schema_to_space, space_to_schema
 
 log = logging.getLogger("ws_gym")
@@ -48,6 +51,25 @@ def _say(text: str) -> None:
         log.info("%s", text)
     else:
         print(f"ws_gym: {text}", file=sys.stderr, flush=True)
+
+
+def server_ssl_context(
+    ssl_context: ssl.SSLContext | None, certfile: str | None, keyfile: str | None
+) -> ssl.SSLContext | None:
+    """The context the trainer serves ``wss://`` with, or None for plain ``ws://``."""
+    if ssl_context is not None:
+        if not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}")
+        if certfile is not None or keyfile is not None:
+            raise ValueError("pass either ssl_context= or certfile=/keyfile=, not both")
+        return ssl_context
+    if certfile is None:
+        if keyfile is not None:
+            raise ValueError("keyfile= needs certfile=")
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certfile, keyfile)
+    return ctx
 
 
 def autoreset_value(mode: AutoresetMode | str) -> AutoresetMode:
@@ -112,6 +134,11 @@ class Trainer:
         max_episode_steps: int | None,
         max_msg_size: int,
         record_episode_statistics: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        max_pending_handshakes: int = 64,
+        handshake_timeout: float = 10.0,
     ) -> None:
         if env_id is not None and not isinstance(env_id, str):
             raise TypeError(f"env_id must be a string or None, got {type(env_id).__name__}")
@@ -121,6 +148,24 @@ class Trainer:
             raise ValueError("local_workers needs env_id: the local workers host the env the trainer names")
         if local_workers < 0:
             raise ValueError("local_workers must be >= 0")
+        for name, value in (("max_msg_size", max_msg_size), ("max_pending_handshakes", max_pending_handshakes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a string or None, got {type(token).__name__}")
+        server_ssl = server_ssl_context(ssl_context, certfile, keyfile)
+        self.token_generated = False
+        if token is None and not is_loopback(host):
+            # Reachable from other machines: never without a token unless asked (token="").
+            token = secrets.token_urlsafe(32)
+            self.token_generated = True
+        elif token == "":
+            if not is_loopback(host):
+                log.warning("token='' on %s: any machine that reaches the port may serve envs", host or "*")
+            token = None
+        self.token: str | None = token
         counts = split_envs(num_envs, local_workers) if local_workers else []
         self.num_envs = num_envs
         self.env_id = env_id
@@ -143,13 +188,19 @@ class Trainer:
         self.pool = WorkerPool(
             num_envs=num_envs, expect=expect, host=host, port=port, token=token,
             max_msg_size=max_msg_size, ready_timeout=max(self.connect_timeout, 10.0),
+            handshake_timeout=float(handshake_timeout), max_pending_handshakes=max_pending_handshakes,
+            ssl_context=server_ssl,
         )
         self.url = self.pool.url
         self.local: LocalWorkers | None = None
         self._waited = False
         try:
+            if self.token_generated:
+                _say(f"listening on {self.url} with a generated token (no token= was given); "
+                     f"on each PC run: {self.worker_command()}")
             if counts:
-                self.local = LocalWorkers(self.pool.local_url, counts, token=token)
+                self.local = LocalWorkers(self.pool.local_url, counts, token=token,
+                                          cert_fingerprint=self._own_fingerprint())
         except BaseException:
             self.pool.close()
             raise
@@ -157,12 +208,33 @@ class Trainer:
         _open.add(self)
 
     def worker_command(self) -> str:
-        """The command a user runs on a PC to serve envs to this trainer."""
+        """The command a user runs on a PC to serve envs to this trainer.
+
+        A token ws_gym generated is shown in full (it is printed nowhere else);
+        one the user chose is shown as a placeholder, to keep it out of logs.
+        """
         url = self.url
         if self.pool.host in ("0.0.0.0", "::", ""):  # listening everywhere: name this machine
-            url = format_url(socket.gethostname(), self.pool.port)
+            url = format_url(socket.gethostname(), self.pool.port, self.pool.ssl_context is not None)
         env = f" --env {self.env_id}" if self.env_id else " --env ENV_ID"
-        return f"python -m ws_gym.worker --url {url}{env} --num-envs K"
+        secret = ""
+        if self.token is not None:
+            secret = f"{P.TOKEN_ENV}={self.token if self.token_generated else '<your token>'} "
+        return f"{secret}python -m ws_gym.worker --url {url}{env} --num-envs K"
+
+    def _own_fingerprint(self) -> str | None:
+        """SHA-256 of our own TLS certificate, which local workers pin (None without TLS).
+
+        Local workers dial loopback, where the certificate's host name would not
+        match and a private CA would need a file we may not have (a bare
+        ``ssl_context``); pinning the exact certificate needs neither.
+        """
+        if self.pool.ssl_context is None:
+            return None
+        try:
+            return certificate_fingerprint(loopback_for(self.pool.host), self.pool.port)
+        except (OSError, ssl.SSLError) as exc:
+            raise WsGymError(f"could not read this trainer's own TLS certificate for its local workers: {exc}") from exc
 
     def _check_local(self) -> None:
         if self.local is not None:
@@ -200,6 +272,12 @@ class Trainer:
 
     def request(self, items: list[tuple[Any, str, Any]], timeout: float | None = -1) -> list[Any]:
         return self.pool.request(items, self.step_timeout if timeout == -1 else timeout)
+
+    def submit(self, items: list[tuple[Any, str, Any]]) -> Any:
+        return self.pool.submit(items)
+
+    def wait(self, call: Any, timeout: float | None = -1) -> list[Any]:
+        return self.pool.wait(call, self.step_timeout if timeout == -1 else timeout)
 
     def close(self) -> None:
         _open.discard(self)

@@ -9,12 +9,14 @@ sends, so results equal those of one ``SyncVectorEnv`` over all envs.
 from __future__ import annotations
 
 import itertools
+import ssl
 import warnings
 from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.error import AlreadyPendingCallError, NoAsyncCallError
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
@@ -142,6 +144,11 @@ class RemoteVectorEnv(VectorEnv):
         render_mode: str | None = None,
         max_msg_size: int = 256 * 1024 * 1024,
         record_episode_statistics: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        max_pending_handshakes: int = 64,
+        handshake_timeout: float = 10.0,
     ) -> None:
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -157,9 +164,13 @@ class RemoteVectorEnv(VectorEnv):
             autoreset_mode=self.autoreset_mode, connect_timeout=connect_timeout,
             step_timeout=step_timeout, max_episode_steps=max_episode_steps,
             max_msg_size=max_msg_size, record_episode_statistics=record_episode_statistics,
+            ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
+            max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
         )
         self.url: str = self._trainer.url
+        self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
         self._obs_parts: dict[Any, Any] = {}
+        self._pending: tuple[Any, list] | None = None  # a step_async awaiting step_wait
         self._single_obs = self._single_act = self._obs = self._act = None
         self._render_mode = render_mode
         self.closed = False
@@ -203,7 +214,7 @@ class RemoteVectorEnv(VectorEnv):
         options: dict[str, Any] | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """Reset the envs (waiting for workers first); ``seed + i`` seeds env i."""
-        self._check_open()
+        self._check_idle()
         trainer = self._trainer
         trainer.wait_workers()
         if self._single_obs is None:
@@ -249,7 +260,15 @@ class RemoteVectorEnv(VectorEnv):
 
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step every env; one request per worker, sent concurrently."""
-        self._check_open()
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: Any) -> None:
+        """Send the actions and return at once; :meth:`step_wait` collects the results.
+
+        The trainer can do its own work in between while the envs step.
+        """
+        self._check_idle()
         trainer = self._trainer
         workers = trainer.pool.serving()
         if isinstance(self._single_act, _ARRAY_SPACES):
@@ -263,7 +282,18 @@ class RemoteVectorEnv(VectorEnv):
         else:
             space = self._single_act
             items = [(w, P.STEP, {"a": cut(space, actions, w.start, w.stop)}) for w in workers]
-        replies = trainer.request(items)
+        self._pending = (trainer.submit(items), workers)
+
+    def step_wait(
+        self, timeout: float | None = None
+    ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """The results of the last :meth:`step_async`; waits at most ``timeout``
+        seconds (default: the env's ``step_timeout``)."""
+        if self._pending is None:
+            raise NoAsyncCallError("calling `step_wait` without any prior call to `step_async`.", "step")
+        call, workers = self._pending
+        self._pending = None
+        replies = self._trainer.wait(call, -1 if timeout is None else timeout)
         parts = self._obs_parts = {}
         infos: dict[str, Any] = {}
         space = self._single_obs
@@ -276,9 +306,9 @@ class RemoteVectorEnv(VectorEnv):
                     infos = self._add_info(infos, own(info), w.start + i)
         if len(replies) == 1:
             r = replies[0]
-            return join(self._single_obs, [r["o"]]), r["r"].copy(), r["t"].copy(), r["u"].copy(), infos
+            return join(space, [r["o"]]), r["r"].copy(), r["t"].copy(), r["u"].copy(), infos
         return (
-            join(self._single_obs, [r["o"] for r in replies]),
+            join(space, [r["o"] for r in replies]),
             np.concatenate([r["r"] for r in replies]),
             np.concatenate([r["t"] for r in replies]),
             np.concatenate([r["u"] for r in replies]),
@@ -287,14 +317,14 @@ class RemoteVectorEnv(VectorEnv):
 
     def render(self) -> tuple[Any, ...] | None:
         """A tuple with one frame per env, as ``SyncVectorEnv.render``."""
-        self._check_open()
+        self._check_idle()
         workers = self._trainer.pool.serving()
         replies = self._trainer.request([(w, P.RENDER, {}) for w in workers])
         return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         """Call (or read) ``name`` on every env; a tuple of results in env order."""
-        self._check_open()
+        self._check_idle()
         workers = self._trainer.pool.serving()
         body = {"name": name, "args": list(args), "kwargs": kwargs}
         replies = self._trainer.request([(w, P.CALL, body) for w in workers])
@@ -306,7 +336,7 @@ class RemoteVectorEnv(VectorEnv):
 
     def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
         """Set ``name`` on every env: one value for all, or one value per env."""
-        self._check_open()
+        self._check_idle()
         if not isinstance(values, (list, tuple)):
             values = [values for _ in range(self.num_envs)]
         if len(values) != self.num_envs:
@@ -321,11 +351,20 @@ class RemoteVectorEnv(VectorEnv):
 
     def close_extras(self, **kwargs: Any) -> None:
         """Tell the workers to close their envs, stop the server, end local workers."""
+        self._pending = None  # its replies arrive before the workers' close replies
         self._trainer.close()
 
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this RemoteVectorEnv is closed")
+
+    def _check_idle(self) -> None:
+        """No call may start while a ``step_async`` awaits its ``step_wait``."""
+        self._check_open()
+        if self._pending is not None:
+            raise AlreadyPendingCallError(
+                "calling a method while waiting for a pending call to `step_wait`", "step"
+            )
 
     def __repr__(self) -> str:
         return f"RemoteVectorEnv(num_envs={self.num_envs}, url={self.url!r})"

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import sys
 import threading
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import aiohttp
 import orjson
 
-from . import codec
+from . import codec, loops
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import EnvHost
@@ -71,6 +72,35 @@ def env_allowed(env_id: str, *, fixed: str | None, allow_import: bool) -> str | 
     return None
 
 
+def client_ssl(
+    url: str, *, cafile: str | None = None, insecure: bool = False, cert_fingerprint: str | None = None
+) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """How the worker checks a ``wss://`` trainer: aiohttp's ``ssl=`` argument.
+
+    By default the system's CAs and the host name; ``cafile``: that CA (or
+    self-signed certificate) only; ``cert_fingerprint``: exactly the certificate
+    with that SHA-256; ``insecure``: nothing at all.
+    """
+    chosen = [n for n, v in (("--cafile", cafile), ("--insecure", insecure),
+                             ("--cert-fingerprint", cert_fingerprint)) if v]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} exclude each other")
+    if chosen and not url.lower().startswith("wss://"):
+        raise ValueError(f"{chosen[0]} needs a wss:// URL (the trainer serves TLS), got {url}")
+    if cafile:
+        return ssl.create_default_context(cafile=cafile)
+    if cert_fingerprint:
+        digest = cert_fingerprint.replace(":", "").strip()
+        try:
+            raw = bytes.fromhex(digest)
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"--cert-fingerprint must be a SHA-256 in hex (64 digits), got {cert_fingerprint!r}")
+        return aiohttp.Fingerprint(raw)
+    return not insecure
+
+
 class Worker:
     """One worker process's state across reconnects."""
 
@@ -86,8 +116,13 @@ class Worker:
         retry_timeout: float | None = None,
         max_msg_size: int = DEFAULT_MAX_MSG,
         name: str | None = None,
+        cafile: str | None = None,
+        insecure: bool = False,
+        cert_fingerprint: str | None = None,
     ) -> None:
         self.url = url
+        self.insecure = insecure
+        self._ssl = client_ssl(url, cafile=cafile, insecure=insecure, cert_fingerprint=cert_fingerprint)
         self.env_id = env_id
         self.num_envs = num_envs
         self.env_kwargs = env_kwargs
@@ -106,15 +141,22 @@ class Worker:
         timeout = aiohttp.ClientTimeout(total=None, connect=10)
         delays = backoff_delays()
         waited_since = loop.time()
-        announced = False
+        announced = tls_warned = False
+        if self.insecure:
+            log.warning(
+                "--insecure: the trainer's TLS certificate is NOT verified. Anyone on the network "
+                "path can pose as the trainer, read the token and have this worker run envs for "
+                "them. Use --cafile with the trainer's certificate or CA instead."
+            )
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 try:
                     async with session.ws_connect(
                         self.url, headers=headers, max_msg_size=self.max_msg_size,
-                        compress=0, autoping=True, autoclose=True,
+                        compress=0, autoping=True, autoclose=True, ssl=self._ssl,
                     ) as ws:
-                        log.info("connected to %s", self.url)
+                        log.info("connected to %s%s", self.url,
+                                 " (certificate NOT verified: --insecure)" if self.insecure else "")
                         try:
                             await self._session(ws)
                         except _Closed:
@@ -132,11 +174,35 @@ class Worker:
                             self._close_envs()
                         waited_since = loop.time()
                 except aiohttp.WSServerHandshakeError as exc:
-                    if exc.status in (401, 403):
-                        log.error("the trainer rejected this worker (%s %s): check --token or %s",
+                    if exc.status in (401, 403) and not self.token:
+                        log.error("the trainer requires a token and this worker has none (%s %s): "
+                                  "set %s (or --token) to the token the trainer printed",
                                   exc.status, exc.message, TOKEN_ENV)
                         return EXIT_UNAUTHORIZED
-                    log.warning("handshake with %s failed: %s %s", self.url, exc.status, exc.message)
+                    if exc.status in (401, 403):
+                        log.error("the trainer rejected this worker's token (%s %s): check --token or %s",
+                                  exc.status, exc.message, TOKEN_ENV)
+                        return EXIT_UNAUTHORIZED
+                    if exc.status == 503:
+                        log.warning("the trainer at %s is busy or closing (503 %s); retrying", self.url, exc.message)
+                    else:
+                        log.warning("handshake with %s failed: %s %s", self.url, exc.status, exc.message)
+                except aiohttp.ServerFingerprintMismatch as exc:
+                    log.error("the trainer's TLS certificate is not the expected one (SHA-256 %s, "
+                              "--cert-fingerprint %s); not connecting", exc.got.hex(), exc.expected.hex())
+                    return EXIT_UNTRUSTED
+                except aiohttp.ClientConnectorCertificateError as exc:
+                    log.error(
+                        "the trainer's TLS certificate at %s failed verification: %s. For a self-signed "
+                        "certificate or a private CA pass --cafile with it; not connecting (retrying "
+                        "cannot fix this)", self.url, exc.certificate_error,
+                    )
+                    return EXIT_UNTRUSTED
+                except aiohttp.ClientConnectorSSLError as exc:
+                    if not tls_warned:  # e.g. wss:// to a trainer without TLS: it may restart with TLS
+                        log.warning("TLS handshake with %s failed (%s); does the trainer serve wss:// "
+                                    "(certfile= or ssl_context=)? retrying", self.url, exc.os_error)
+                        tls_warned = True
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                     if not announced:
                         log.info("waiting for the trainer at %s (%s)", self.url, exc.__class__.__name__)
@@ -252,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-envs", type=int, default=1, help="how many envs to host (default 1)")
     p.add_argument("--env-kwargs", default=None, help='JSON object of keyword arguments for gym.make, e.g. \'{"render_mode": "rgb_array"}\'')
     p.add_argument("--token", default=None, help=f"shared secret the trainer expects (or set {TOKEN_ENV})")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--cafile", default=None,
+                     help="wss:// only: trust this CA or self-signed certificate (PEM) instead of the system's CAs")
+    tls.add_argument("--insecure", action="store_true",
+                     help="wss:// only: do NOT verify the trainer's certificate (anyone on the path can pose as it)")
+    tls.add_argument("--cert-fingerprint", default=None, metavar="SHA256",
+                     help="wss:// only: accept exactly the certificate with this SHA-256 (hex), no CA or host name check")
     p.add_argument("--allow-import", action="store_true",
                    help="let the trainer name 'module:EnvId' ids, which import that module here")
     p.add_argument("--retry-timeout", type=float, default=None,
@@ -283,19 +356,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     import ws_gym  # noqa: F401  (registers ws_gym's own envs)
 
-    worker = Worker(
-        args.url,
-        env_id=args.env_id,
-        num_envs=args.num_envs,
-        env_kwargs=env_kwargs,
-        token=args.token or os.environ.get(TOKEN_ENV) or None,
-        allow_import=args.allow_import,
-        retry_timeout=args.retry_timeout,
-        max_msg_size=args.max_msg_size,
-        name=args.name,
-    )
     try:
-        return asyncio.run(worker.run())
+        worker = Worker(
+            args.url,
+            env_id=args.env_id,
+            num_envs=args.num_envs,
+            env_kwargs=env_kwargs,
+            token=args.token or os.environ.get(TOKEN_ENV) or None,
+            allow_import=args.allow_import,
+            retry_timeout=args.retry_timeout,
+            max_msg_size=args.max_msg_size,
+            name=args.name,
+            cafile=args.cafile,
+            insecure=args.insecure,
+            cert_fingerprint=args.cert_fingerprint,
+        )
+    except (ValueError, OSError) as exc:  # TLS options: bad combination, unreadable --cafile
+        print(f"ws_gym.worker: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return loops.run(worker.run())
     except KeyboardInterrupt:
         log.info("interrupted; exiting")
         return 130
