@@ -107,6 +107,40 @@ class CrashEnv(gym.Env):
         return np.zeros(2, np.float32), 0.0, False, False, {}
 
 
+class CounterEnv(gym.Env):
+    """Counts its own steps, so a test can check that none is lost or doubled.
+
+    obs = [steps in this episode, steps of this env object]; episodes end
+    (terminated) after ``length`` steps. Action 1 kills the worker process,
+    3 takes 3 s, anything else is an ordinary step with reward 1.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, length: int = 9):
+        self.observation_space = spaces.Box(0, 1e9, (2,), np.float64)
+        self.action_space = spaces.Discrete(4)
+        self.length = length
+        self.t = self.total = 0
+
+    def _obs(self):
+        return np.array([self.t, self.total], dtype=np.float64)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {"total": self.total}
+
+    def step(self, action):
+        if action == 1:
+            os._exit(17)
+        if action == 3:
+            time.sleep(3)
+        self.t += 1
+        self.total += 1
+        return self._obs(), 1.0, self.t >= self.length, False, {}
+
+
 class GraphEnv(gym.Env):
     """An observation space ws_gym cannot describe."""
 
@@ -124,6 +158,6 @@ class BadInitEnv(gym.Env):
         raise RuntimeError("this env cannot be built")
 
 
-for _id, _cls in [("Fancy-v0", FancyEnv), ("Crash-v0", CrashEnv), ("GraphObs-v0", GraphEnv), ("BadInit-v0", BadInitEnv)]:
+for _id, _cls in [("Fancy-v0", FancyEnv), ("Crash-v0", CrashEnv), ("Counter-v0", CounterEnv), ("GraphObs-v0", GraphEnv), ("BadInit-v0", BadInitEnv)]:
     if _id not in gym.registry:
         gym.register(_id, entry_point=f"tests.envs:{_cls.__name__}", disable_env_checker=True)

@@ -48,6 +48,7 @@ _ALIGN = 8
 MAX_DEPTH = 64
 MAX_BUFFERS = 4096
 MAX_DIMS = 32
+MAX_KIND = 64  # message kinds are short words; a longer one would be echoed in errors and logs
 # dtype strings we accept from the wire: byte order, kind, item size. No objects,
 # no structured or sub-array dtypes, so np.dtype() never sees anything exotic.
 _DTYPE_RE = re.compile(r"^[<>|=][biufc][1-9][0-9]?$|^[<>|=][US][0-9]{1,6}$")
@@ -208,8 +209,8 @@ def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None
     kind = header.get("k")
     req_id = header.get("i")
     specs = header.get("b", [])
-    if not isinstance(kind, str) or not kind:
-        raise ProtocolError("header field 'k' (message kind) must be a non-empty string")
+    if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND:
+        raise ProtocolError(f"header field 'k' (message kind) must be a non-empty string of at most {MAX_KIND} chars")
     if type(req_id) is not int or req_id < 0:
         raise ProtocolError("header field 'i' (request id) must be a non-negative integer")
     if not isinstance(specs, list) or len(specs) > MAX_BUFFERS:
@@ -227,13 +228,13 @@ def _views(frame: Any, offset: int, specs: list) -> list[np.ndarray]:
             raise ProtocolError(f"buffer {n}: spec must be [dtype, shape]")
         dstr, shape = spec
         if not isinstance(dstr, str) or not _DTYPE_RE.match(dstr):
-            raise ProtocolError(f"buffer {n}: dtype {dstr!r} is not allowed")
+            raise ProtocolError(f"buffer {n}: dtype {_safe_repr(dstr, 100)} is not allowed")
         if not isinstance(shape, list) or len(shape) > MAX_DIMS:
             raise ProtocolError(f"buffer {n}: shape must be a list of at most {MAX_DIMS} sizes")
         count = 1
         for dim in shape:
             if type(dim) is not int or dim < 0:
-                raise ProtocolError(f"buffer {n}: shape {shape!r} has a bad size")
+                raise ProtocolError(f"buffer {n}: shape {_safe_repr(shape, 200)} has a bad size")
             count *= dim
         try:
             dtype = np.dtype(dstr)
@@ -263,7 +264,7 @@ def _views(frame: Any, offset: int, specs: list) -> list[np.ndarray]:
 def _buffer(node: dict, tag: str, arrays: list) -> np.ndarray:
     idx = node[tag]
     if type(idx) is not int or not 0 <= idx < len(arrays):
-        raise ProtocolError(f"{tag} refers to buffer {idx!r}, which does not exist")
+        raise ProtocolError(f"{tag} refers to buffer {_safe_repr(idx, 100)}, which does not exist")
     return arrays[idx]
 
 
@@ -285,7 +286,7 @@ def _unpack(node: Any, arrays: list, depth: int) -> Any:
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, ProtocolError):
             raise
-        raise ProtocolError(f"malformed {first} value: {exc!r}") from None
+        raise ProtocolError(f"malformed {_safe_repr(first, 100)} value: {_safe_repr(exc, 200)}") from None
 
 
 def _unpack_tagged(tag: str, node: dict, arrays: list, depth: int) -> Any:
@@ -324,7 +325,7 @@ def _unpack_tagged(tag: str, node: dict, arrays: list, depth: int) -> Any:
     if tag == "$f":
         text = node[tag]
         if text not in ("nan", "inf", "-inf"):
-            raise ProtocolError(f"$f must be nan, inf or -inf, got {text!r}")
+            raise ProtocolError(f"$f must be nan, inf or -inf, got {_safe_repr(text, 100)}")
         return float(text)
     if tag == "$i":
         text = node[tag]
@@ -351,7 +352,7 @@ def _unpack_tagged(tag: str, node: dict, arrays: list, depth: int) -> Any:
         if type(text) is not str or type(type_name) is not str:
             raise ProtocolError("$r must hold a repr string and a type name")
         return Unencodable(text, type_name)
-    raise ProtocolError(f"unknown tag {tag!r}")
+    raise ProtocolError(f"unknown tag {_safe_repr(tag, 100)}")
 
 
 def writable(value: Any, leaf: Callable[[Any], Any] | None = None) -> Any:

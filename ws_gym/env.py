@@ -50,8 +50,12 @@ class RemoteEnv(gym.Env):
         keyfile: str | None = None,
         max_pending_handshakes: int = 64,
         handshake_timeout: float = 10.0,
+        worker_vectorization: str = "sync",
+        heartbeat: float | None = 10.0,
+        on_worker_lost: str = "raise",
     ) -> None:
-        # autoreset_mode is accepted for a uniform signature; a single env never autoresets.
+        # autoreset_mode and worker_vectorization are accepted for a uniform signature: a single
+        # env never autoresets, and a worker runs it in its own process whatever its vectorization.
         env_kwargs = dict(env_kwargs or {})
         if render_mode is not None:
             env_kwargs["render_mode"] = render_mode
@@ -63,6 +67,7 @@ class RemoteEnv(gym.Env):
             max_msg_size=max_msg_size, record_episode_statistics=record_episode_statistics,
             ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
             max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
+            worker_vectorization=worker_vectorization, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
         )
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)

@@ -17,12 +17,20 @@ recording trick gives the same log (see :class:`_RecordingAsyncVectorEnv`).
 from __future__ import annotations
 
 import copy
+import logging
+import pickle
+import queue
+import signal
+import sys
+import traceback
 from functools import partial
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+from gymnasium.vector.async_vector_env import AsyncState
+from gymnasium.vector.utils import write_to_shared_memory
 
 from . import protocol as P
 from .errors import ProtocolError
@@ -42,40 +50,159 @@ class _RecordingSyncVectorEnv(SyncVectorEnv):
         return vector_infos
 
 
+class _TwoInfos(tuple):
+    """SameStep episode end in a subprocess: the two infos SyncVectorEnv adds one by one."""
+
+
+class _SubprocessTraceback(Exception):
+    """Carries an env subprocess's traceback text as the cause of its re-raised error."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__qualname__}: {exc}")
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel end this process when the worker that forked it dies,
+    even mid-step (elsewhere the end of the pipe tells us, at the next command)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def _env_subprocess(index, env_fn, pipe, parent_pipe, shared_memory, error_queue, autoreset_mode, *_unused):
+    """One env in a subprocess of an async worker: gymnasium's ``_async_worker``
+    (same commands and replies, gymnasium 1.1 to 1.4), changed so that results
+    equal SyncVectorEnv's in every case:
+
+    - an explicit reset clears the pending NextStep autoreset with or without
+      shared memory (gymnasium 1.4 clears it only with shared memory);
+    - an env's exception is reported and the env goes on, as in SyncVectorEnv
+      (gymnasium's subprocess ends at the first one);
+    - a SameStep episode end sends the two infos SyncVectorEnv adds, the final
+      observation copied before the reset (an env may reuse its buffer);
+    - ``call`` reaches every attribute, ``reset`` and ``step`` too, as SyncVectorEnv's.
+
+    Ctrl-C is ignored here: the worker handles it and closes its envs.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    env = env_fn()
+    observation_space, action_space = env.observation_space, env.action_space
+    autoreset = False
+    observation = None
+    parent_pipe.close()
+    try:
+        while True:
+            try:
+                command, data = pipe.recv()
+            except (EOFError, OSError):  # the worker is gone
+                break
+            try:
+                if command == "step":
+                    if autoreset_mode == AutoresetMode.NEXT_STEP:
+                        if autoreset:
+                            observation, info = env.reset()
+                            reward, terminated, truncated = 0.0, False, False
+                        else:
+                            observation, reward, terminated, truncated, info = env.step(data)
+                        autoreset = terminated or truncated
+                    elif autoreset_mode == AutoresetMode.SAME_STEP:
+                        observation, reward, terminated, truncated, info = env.step(data)
+                        if terminated or truncated:
+                            final = {"final_obs": copy.deepcopy(observation), "final_info": info}
+                            observation, info = env.reset()
+                            info = _TwoInfos((final, info))
+                    else:  # Disabled: the parent refuses to step an ended env
+                        observation, reward, terminated, truncated, info = env.step(data)
+                    if shared_memory:
+                        write_to_shared_memory(observation_space, index, observation, shared_memory)
+                    sent = None if shared_memory else observation
+                    pipe.send(((sent, reward, terminated, truncated, info), True))
+                elif command == "reset":
+                    observation, info = env.reset(**data)
+                    autoreset = False
+                    if shared_memory:
+                        write_to_shared_memory(observation_space, index, observation, shared_memory)
+                    pipe.send(((None if shared_memory else observation, info), True))
+                elif command == "reset-noop":
+                    pipe.send(((None if shared_memory else observation, {}), True))
+                elif command == "_call":
+                    name, args, kwargs = data
+                    attr = env.get_wrapper_attr(name)
+                    pipe.send((attr(*args, **kwargs) if callable(attr) else attr, True))
+                elif command == "_setattr":
+                    name, value = data
+                    env.set_wrapper_attr(name, value)
+                    pipe.send((None, True))
+                elif command == "_check_spaces":
+                    _, single_observation_space, single_action_space = data
+                    pipe.send(((single_observation_space == observation_space,
+                                single_action_space == action_space), True))
+                elif command == "close":
+                    pipe.send((None, True))
+                    break
+                else:
+                    raise RuntimeError(f"unknown command {command!r}")
+            except Exception as exc:
+                error_queue.put((index, _picklable(exc), traceback.format_exc()))
+                pipe.send((None, False))
+    finally:
+        env.close()
+
+
+def _shared_memory_works(space: gym.Space) -> bool:
+    """Whether AsyncVectorEnv's shared memory gives live observations of ``space``
+    (gymnasium reads Text ones from it only once, at construction)."""
+    if isinstance(space, gym.spaces.Dict):
+        return all(_shared_memory_works(s) for s in space.spaces.values())
+    if isinstance(space, gym.spaces.Tuple):
+        return all(_shared_memory_works(s) for s in space.spaces)
+    return isinstance(space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary))
+
+
 class _RecordingAsyncVectorEnv(AsyncVectorEnv):
     """An AsyncVectorEnv whose info log equals ``_RecordingSyncVectorEnv``'s.
 
-    AsyncVectorEnv calls ``_add_info(infos, info, i)`` in this (parent)
-    process, in env order, as SyncVectorEnv does; the differences are made good
-    here:
+    AsyncVectorEnv calls ``_add_info(infos, info, i)`` here in the parent, in
+    env order, as SyncVectorEnv does, so recording those calls gives the same
+    log, given the subprocesses of :func:`_env_subprocess`. Also:
 
-    - SameStep: at an episode end a subprocess sends one info
-      ``{"final_info": ..., "final_obs": ..., **reset_info}``, where
-      SyncVectorEnv makes two calls, ``{"final_obs", "final_info"}`` then
-      ``reset_info``; the entry is split back into those two.
     - Disabled: SyncVectorEnv asserts that no ended env is stepped before it is
-      reset; the subprocesses do not check, so it is checked here (before any
-      env steps, where SyncVectorEnv would have stepped the envs before it).
+      reset; that is checked here (before any env steps, where SyncVectorEnv
+      would have stepped the envs before the first ended one).
     - ``reset-noop`` (envs outside a ``reset_mask``) logs ``{}``, which is
       dropped like every empty info.
-
-    Always run with ``shared_memory=True``: with ``shared_memory=False``,
-    gymnasium 1.x's subprocess does not clear its autoreset flag on an explicit
-    reset, so the next step of a NextStep env reset by hand after an episode
-    end would reset it again instead of stepping it. Every space ws_gym can
-    send has a shared-memory form. ``final_obs`` arrives pickled (a copy of its
-    own), so unlike the sync recorder no deep copy is needed.
+    - An env's error is raised as itself (with its subprocess's traceback as
+      the cause), the lowest env's first as in SyncVectorEnv, and the envs go on.
     """
 
     info_log: list
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, worker=_env_subprocess, **kwargs)
         self.info_log = []
         self._ended = np.zeros(self.num_envs, dtype=np.bool_)  # Disabled mode only
 
     def _add_info(self, vector_infos: dict, env_info: dict, env_num: int) -> dict:
-        if env_info:
+        if type(env_info) is _TwoInfos:
+            for part in env_info:
+                if part:
+                    self.info_log.append([env_num, part])
+        elif env_info:
             self.info_log.append([env_num, env_info])
         return vector_infos
 
@@ -94,22 +221,30 @@ class _RecordingAsyncVectorEnv(AsyncVectorEnv):
 
     def step_wait(self, timeout: float | None = None) -> tuple:
         result = super().step_wait(timeout)
-        ended = np.logical_or(result[2], result[3])
         if self.autoreset_mode == AutoresetMode.DISABLED:
-            self._ended = ended
-        elif self.autoreset_mode == AutoresetMode.SAME_STEP and ended.any():
-            log = []
-            for entry in self.info_log:
-                i, info = entry
-                if ended[i] and "final_obs" in info and "final_info" in info:
-                    rest = dict(info)
-                    log.append([i, {"final_obs": rest.pop("final_obs"), "final_info": rest.pop("final_info")}])
-                    if rest:
-                        log.append([i, rest])
-                else:
-                    log.append(entry)
-            self.info_log = log
+            self._ended = np.logical_or(result[2], result[3])
         return result
+
+    def _raise_if_errors(self, successes: Any) -> None:
+        if all(successes):
+            return
+        self._state = AsyncState.DEFAULT  # every reply was read: the envs can go on
+        errors = []
+        for _ in range(len(successes) - sum(successes)):
+            try:
+                errors.append(self.error_queue.get(timeout=60))
+            except queue.Empty:
+                raise RuntimeError("an env subprocess failed without saying why") from None
+        index, exc, trace = min(errors, key=lambda e: e[0])
+        raise exc from _SubprocessTraceback(f"in env subprocess {index}:\n{trace}")
+
+    def healthy(self) -> bool:
+        """Every subprocess alive and no reply outstanding."""
+        return (
+            self._state == AsyncState.DEFAULT
+            and all(pipe is not None and not pipe.closed for pipe in self.parent_pipes)
+            and all(proc.is_alive() for proc in self.processes)
+        )
 
 
 VECTORIZATIONS = ("sync", "async")
@@ -167,7 +302,7 @@ class EnvHost:
         self.single = welcome.mode == P.MODE_SINGLE
         # "async" (envs in subprocesses) applies to vector mode; one plain env runs here.
         self.vectorization = "sync" if self.single else check_vectorization(vectorization)
-        self.broken: str | None = None  # async: why the subprocesses cannot go on
+        self.closed = False
         thunk = partial(
             make_env, welcome.env_id, welcome.env_kwargs, welcome.max_episode_steps,
             welcome.record_episode_statistics,
@@ -211,26 +346,37 @@ class EnvHost:
             P.SET_ATTR: self._set_attr,
             P.CLOSE: self._close,
         }
-        self.closed = False
 
     def _make_async(self, thunk: Any) -> AsyncVectorEnv:
         welcome = self.welcome
-        try:
-            venv = _RecordingAsyncVectorEnv(
+
+        def make(shared_memory: bool) -> _RecordingAsyncVectorEnv:
+            return _RecordingAsyncVectorEnv(
                 [thunk] * welcome.num_envs,
-                shared_memory=True,  # required for exact results: see _RecordingAsyncVectorEnv
-                copy=False,
+                shared_memory=shared_memory,
+                copy=False,  # the observations are encoded before the next call
                 context=None,  # the platform's default: fork on Linux, spawn on macOS and Windows
                 daemon=True,  # ended with the worker if it exits without closing them
                 autoreset_mode=AutoresetMode(welcome.autoreset_mode),
             )
-        except ValueError as exc:
-            if isinstance(exc.__cause__, gym.error.CustomSpaceError):
-                env = thunk()  # a space with no shared-memory form: say which
-                try:
-                    space_to_schema(env.observation_space)
-                finally:
-                    env.close()
+
+        try:
+            # Shared memory spares a pickled copy of every observation, but the
+            # space is known only once the envs exist: a Text observation (not
+            # live in shared memory) costs a second start, without it.
+            venv = make(True)
+            if not _shared_memory_works(venv.single_observation_space):
+                venv.close()
+                venv = make(False)
+        except (ValueError, TypeError):
+            # A space with no shared-memory form is one ws_gym cannot send either:
+            # raise the error the sync path gives (UnsupportedSpaceError, naming it).
+            env = thunk()
+            try:
+                space_to_schema(env.observation_space)
+                space_to_schema(env.action_space)
+            finally:
+                env.close()
             raise
         venv.info_log = []
         return venv
@@ -247,20 +393,24 @@ class EnvHost:
             raise ProtocolError(f"{kind}: body must be an object")
         if self.vectorization == "sync":
             return handler(body)
-        if self.broken is not None and kind != P.CLOSE:
-            raise RuntimeError(self.broken)
         try:
             return handler(body)
-        except ProtocolError:
+        except Exception:
+            # An env's own error leaves its subprocess serving (like SyncVectorEnv); a
+            # subprocess that died (the env killed it, or a signal) cannot be replaced
+            # with the same state: end the worker, as a sync worker ends when its env
+            # kills it, so the trainer sees a lost worker (and restarts a local one).
+            if not self.venv.healthy():
+                self._subprocess_died()
             raise
-        except BaseException as exc:
-            # gymnasium's env subprocess ends at the first exception of its env, and an
-            # AsyncVectorEnv cannot recover from that: refuse every later request clearly.
-            self.broken = (
-                f"this worker's env subprocesses cannot go on after an earlier error "
-                f"({type(exc).__name__}: {exc}); restart the worker"
-            )
-            raise
+
+    def _subprocess_died(self) -> None:
+        codes = [proc.exitcode for proc in self.venv.processes]
+        logging.getLogger("ws_gym.worker").error(
+            "an env subprocess of this worker died (exit codes %s); ending the worker", codes
+        )
+        self.close()
+        raise SystemExit(1)
 
     # -- requests ---------------------------------------------------------
 
@@ -344,7 +494,12 @@ class EnvHost:
         self.closed = True
         if self.single:
             self.env.close()
-        elif self.broken is not None:
+        elif self.vectorization == "async" and not self.venv.healthy():
             _terminate(self.venv)
         else:
-            self.venv.close()
+            try:
+                self.venv.close()
+            except Exception:
+                if self.vectorization != "async":
+                    raise
+                _terminate(self.venv)

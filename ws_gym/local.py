@@ -36,7 +36,8 @@ class LocalWorkers:
     """A group of ``python -m ws_gym.worker`` processes dialing ``url``."""
 
     def __init__(
-        self, url: str, counts: list[int], *, token: str | None = None, cert_fingerprint: str | None = None
+        self, url: str, counts: list[int], *, token: str | None = None, cert_fingerprint: str | None = None,
+        vectorization: str = "sync",
     ) -> None:
         env = dict(os.environ)
         # The children import what the trainer can import (user env modules too).
@@ -52,6 +53,7 @@ class LocalWorkers:
         self._env = env
         self._cmds: list[list[str]] = []
         self._restarts = [0] * len(counts)
+        self.max_restarts: int | None = MAX_RESTARTS  # None: restart for ever
         try:
             for i, count in enumerate(counts):
                 cmd = [
@@ -61,6 +63,8 @@ class LocalWorkers:
                     "--retry-timeout", "30", "--log-level", "WARNING",
                     "--name", f"local-{i}",
                 ]
+                if vectorization != "sync":  # envs in subprocesses of each worker
+                    cmd += ["--vectorization", vectorization]
                 if cert_fingerprint:  # wss://: trust exactly the trainer's own certificate
                     cmd += ["--cert-fingerprint", cert_fingerprint]
                 self._cmds.append(cmd)
@@ -83,7 +87,8 @@ class LocalWorkers:
             code = proc.poll()
             if code is None:
                 continue
-            if code in (EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED) or self._restarts[i] >= MAX_RESTARTS:
+            gave_up = self.max_restarts is not None and self._restarts[i] >= self.max_restarts
+            if code in (EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED) or gave_up:
                 raise WsGymError(
                     f"local worker {i} (pid {proc.pid}) exited with code {code}"
                     + (" after %d restarts" % self._restarts[i] if self._restarts[i] else "")

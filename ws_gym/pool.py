@@ -44,6 +44,16 @@ log = logging.getLogger("ws_gym")
 WS_PATH = "/ws"
 
 
+class _Lost:
+    """The reply of a worker lost during a call (``on_worker_lost="wait"``)."""
+
+    def __repr__(self) -> str:
+        return "LOST"
+
+
+LOST = _Lost()
+
+
 @dataclass(eq=False)
 class WorkerConn:
     """One worker connection. Mutated only on the loop thread."""
@@ -58,6 +68,9 @@ class WorkerConn:
     alive: bool = True
     fresh: bool = True  # not reset since it joined
     pending: dict = field(default_factory=dict)
+    transport: Any = None  # to cut a silent worker off at once
+    last_rx: float = 0.0  # loop time of the last frame received (heartbeats)
+    ping_at: float | None = None  # loop time of an unanswered heartbeat ping
 
     @property
     def stop(self) -> int:
@@ -71,7 +84,7 @@ class WorkerConn:
 class _Call:
     """One batched call across several workers; the caller blocks on ``lock``."""
 
-    __slots__ = ("lock", "results", "remaining", "error", "done", "batch")
+    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant")
 
     def __init__(self, n: int) -> None:
         self.lock = threading.Lock()
@@ -81,6 +94,7 @@ class _Call:
         self.error: BaseException | None = None
         self.done = False
         self.batch: list = []
+        self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
 
     def finish(self) -> None:
         if not self.done:
@@ -164,6 +178,8 @@ class WorkerPool:
         ready_timeout: float = 300.0,
         max_pending_handshakes: int = 64,
         ssl_context: ssl.SSLContext | None = None,
+        heartbeat: float | None = 10.0,
+        on_worker_lost: str = "raise",
     ) -> None:
         self.num_envs = num_envs
         self.expect = expect
@@ -173,6 +189,9 @@ class WorkerPool:
         self.handshake_timeout = handshake_timeout
         self.ready_timeout = ready_timeout
         self.max_pending_handshakes = max_pending_handshakes
+        self.heartbeat = heartbeat
+        self.wait_mode = on_worker_lost == "wait"
+        self._watchdog: asyncio.Future | None = None
         self.ssl_context = ssl_context
         self._pending_handshakes = 0  # connections upgraded but not yet admitted or refused
         self._busy_rejected = 0  # 503s not logged yet (logged at most once a second)
@@ -224,6 +243,8 @@ class WorkerPool:
                           "pass port=0 to pick a free port") from None
         site = web.SockSite(self._runner, sock, ssl_context=self.ssl_context)
         await site.start()
+        if self.heartbeat:
+            self._watchdog = asyncio.ensure_future(self._watch(self.heartbeat))
         return sock.getsockname()[1]
 
     def _note(self, text: str) -> None:
@@ -247,13 +268,17 @@ class WorkerPool:
             )
         self._pending_handshakes += 1
         pending = True
-        ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, compress=False, autoping=True)
+        # autoping off: _read_replies answers pings itself and sees pongs (heartbeats)
+        ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, compress=False, autoping=False)
         peer = str(request.remote)
         conn = None
         try:
             await ws.prepare(request)
             try:
                 conn = await self._handshake(ws, peer)
+                if conn is not None:
+                    conn.transport = request.transport
+                    conn.last_rx = self._loop.time()
             finally:
                 self._pending_handshakes -= 1
                 pending = False
@@ -407,19 +432,33 @@ class WorkerPool:
             self._conns.discard(conn)
             self._cond.notify_all()
 
-    def _drop(self, conn: WorkerConn) -> None:
-        """The connection ended: free its slots and fail what it still owes."""
+    def _drop(self, conn: WorkerConn, why: str = "disconnected", *, cut_off: bool = False) -> None:
+        """The connection ended: free its slots and fail what it still owes.
+
+        With ``on_worker_lost="wait"`` a step or reset does not fail: the lost
+        worker's part of it becomes :data:`LOST` and the caller fills it in.
+        """
+        if not conn.alive:
+            return
         conn.alive = False
         was_active = conn.active
         conn.active = False
         self._release(conn)
         if conn.pending:
-            exc = WorkerLostError(f"{conn.origin} disconnected during a call")
-            for call, _ in conn.pending.values():
-                call.fail(exc)
+            exc = WorkerLostError(f"{conn.origin} {why} during a call")
+            for call, idx in conn.pending.values():
+                if call.tolerant:
+                    call.results[idx] = LOST
+                    call.remaining -= 1
+                    if call.remaining == 0:
+                        call.finish()
+                else:
+                    call.fail(exc)
             conn.pending.clear()
+        if cut_off and conn.transport is not None:
+            conn.transport.abort()  # nothing more is read from or sent to it
         if was_active and not self._closing:
-            text = f"{conn.origin} disconnected"
+            text = f"{conn.origin} {why}"
             log.warning("%s", text)
             self._note(text)
 
@@ -427,14 +466,27 @@ class WorkerPool:
         ws = conn.ws
         pending = conn.pending
         BINARY = aiohttp.WSMsgType.BINARY
+        PING, PONG = aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG
+        now = self._loop.time
         async for msg in ws:
+            conn.last_rx = now()
             if msg.type != BINARY:
-                log.warning("%s sent a %s message; ignored", conn.origin, msg.type.name)
+                if msg.type == PING:
+                    await ws.pong(msg.data)
+                elif msg.type != PONG:
+                    log.warning("%s sent a %s message; ignored", conn.origin, msg.type.name)
                 continue
             try:
                 reply = codec.decode(msg.data)
             except ProtocolError as exc:
                 log.warning("%s sent a malformed frame: %s", conn.origin, exc)
+                # Which request it answers is unknown: fail what this worker owes now
+                # (a clear error at once, not a StepTimeoutError later); replies still
+                # on their way for those ids are ignored as unknown.
+                err = ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
+                for call, _ in pending.values():
+                    call.fail(err)
+                pending.clear()
                 continue
             entry = pending.pop(reply.id, None)
             if entry is None:
@@ -468,6 +520,41 @@ class WorkerPool:
                 call.fail(WorkerLostError(f"{conn.origin}: send failed: {exc}"))
                 return
 
+    async def _watch(self, interval: float) -> None:
+        """Heartbeats: ping a worker that has been quiet for ``interval`` seconds
+        and cut it off when no answer comes within ``interval / 2``.
+
+        A worker busy with a request cannot answer (its env runs in its event
+        loop), so workers with a request in flight are left to ``step_timeout``.
+        """
+        grace = interval / 2
+        while True:
+            await asyncio.sleep(min(grace / 2, 1.0))
+            now = self._loop.time()
+            for conn in list(self._conns):
+                if not conn.active or conn.pending:
+                    conn.ping_at = None
+                    continue
+                if conn.ping_at is not None and conn.last_rx < conn.ping_at:
+                    if now - conn.ping_at >= grace:
+                        self._drop(conn, f"sent nothing for {now - conn.last_rx:.0f} s (heartbeat)", cut_off=True)
+                    continue
+                conn.ping_at = None
+                if now - conn.last_rx >= interval:
+                    conn.ping_at = now
+                    try:
+                        await conn.ws.ping()
+                    except (ConnectionError, RuntimeError):
+                        self._drop(conn, cut_off=True)
+
+    def _cut_off(self, call: _Call) -> None:
+        """Wait mode, after step_timeout: workers that still owe a reply are lost."""
+        for conn, rid, _ in call.batch:
+            if rid in conn.pending:
+                self._drop(conn, "did not answer within step_timeout", cut_off=True)
+        if not call.done:  # e.g. a reply raced the timeout: nothing owed any more
+            call.finish()
+
     def _abandon(self, call: _Call, items: list) -> None:
         for conn, rid, _ in items:
             conn.pending.pop(rid, None)
@@ -484,6 +571,19 @@ class WorkerPool:
                     "call reset() to wait for a replacement"
                 )
             return self._ordered()
+
+    def layout(self) -> list[tuple[int, int, WorkerConn | None]]:
+        """``(start, stop, worker)`` runs covering every env in order; ``None``
+        where no active worker serves the envs (wait mode)."""
+        out: list[tuple[int, int, WorkerConn | None]] = []
+        with self._cond:
+            for i, c in enumerate(self._slots):
+                owner = c if c is not None and c.active else None
+                if out and out[-1][2] is owner:
+                    out[-1] = (out[-1][0], i + 1, owner)
+                else:
+                    out.append((i, i + 1, owner))
+        return out
 
     def _ordered(self) -> list[WorkerConn]:
         out: list[WorkerConn] = []
@@ -552,8 +652,12 @@ class WorkerPool:
         """
         return self.wait(self.submit(items), timeout)
 
-    def submit(self, items: list[tuple[WorkerConn, str, Any]]) -> "_Call":
-        """Encode and send the requests without waiting; :meth:`wait` collects the replies."""
+    def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False) -> "_Call":
+        """Encode and send the requests without waiting; :meth:`wait` collects the replies.
+
+        ``tolerant`` (wait mode only): a worker lost meanwhile gives :data:`LOST`
+        as its reply instead of failing the call.
+        """
         if self._closed:
             raise WsGymError("the trainer is closed")
         with self._call_lock:
@@ -563,6 +667,7 @@ class WorkerPool:
                 batch.append((conn, rid, codec.encode(kind, rid, body, strict=True)))
             call = _Call(len(batch))
             call.batch = batch
+            call.tolerant = tolerant and self.wait_mode
             if batch:
                 self._loop.call_soon_threadsafe(self._dispatch, call, batch)
             else:
@@ -572,6 +677,12 @@ class WorkerPool:
     def wait(self, call: "_Call", timeout: float | None) -> list[Any]:
         """The replies to a submitted call, in request order; raise its error or a timeout."""
         if not call.lock.acquire(timeout=-1 if timeout is None else timeout):
+            if call.tolerant:  # wait mode: the slow workers are lost, the call completes
+                self._loop.call_soon_threadsafe(self._cut_off, call)
+                if call.lock.acquire(timeout=10):
+                    if call.error is not None:
+                        raise call.error
+                    return call.results
             batch = call.batch
             self._loop.call_soon_threadsafe(self._abandon, call, batch)
             slow = [c.origin for c, _, _ in batch]
@@ -607,6 +718,8 @@ class WorkerPool:
         return sorted(self._conns, key=lambda c: c.start)
 
     async def _shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for conn in list(self._conns):
             if not conn.ws.closed:
                 await conn.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"trainer closing")

@@ -155,9 +155,9 @@ def parse_welcome(body: Any) -> Welcome:
     if not 1 <= num_envs <= MAX_ENVS_PER_WORKER or first < 0:
         raise ProtocolError("welcome: bad env count or index")
     if mode not in (MODE_VECTOR, MODE_SINGLE):
-        raise ProtocolError(f"welcome: unknown mode {mode!r}")
+        raise ProtocolError(f"welcome: unknown mode {mode[:50]!r}")
     if autoreset not in AUTORESET_MODES:
-        raise ProtocolError(f"welcome: unknown autoreset_mode {autoreset!r}")
+        raise ProtocolError(f"welcome: unknown autoreset_mode {autoreset[:50]!r}")
     if mode == MODE_SINGLE and num_envs != 1:
         raise ProtocolError("welcome: single mode hosts exactly one env")
     return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps, stats)
@@ -171,9 +171,25 @@ class Ready:
     metadata: dict
 
 
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """True for str/int/float/bool/None, and lists and str-keyed dicts of them."""
+    if depth > 64:
+        return False
+    t = type(value)
+    if t in (str, int, float, bool) or value is None:
+        return True
+    if t is list:
+        return all(_plain_json(x, depth + 1) for x in value)
+    if t is dict:
+        return all(type(k) is str and _plain_json(v, depth + 1) for k, v in value.items())
+    return False
+
+
 def parse_ready(body: Any) -> Ready:
     obs = _field(body, "observation_space", (dict,), "ready")
     act = _field(body, "action_space", (dict,), "ready")
+    if not (_plain_json(obs) and _plain_json(act)):  # schemas are JSON: no arrays, tuples, reprs
+        raise ProtocolError("ready: a space schema holds a value that is not plain JSON")
     render_mode = _field(body, "render_mode", (str,), "ready", optional=True)
     metadata = _field(body, "metadata", (dict,), "ready", optional=True) or {}
     return Ready(obs, act, render_mode, metadata)
@@ -200,4 +216,5 @@ def parse_error(body: Any, origin: str) -> RemoteEnvError:
     if not isinstance(body, dict):
         return RemoteEnvError("ProtocolError", "malformed error reply", "", origin)
     get = lambda k: body.get(k) if isinstance(body.get(k), str) else ""  # noqa: E731
-    return RemoteEnvError(get("type") or "Exception", get("message"), get("traceback"), origin)
+    # bounded as error_body bounds them: a hostile peer's text goes into logs and messages
+    return RemoteEnvError(get("type")[:200] or "Exception", get("message")[:4000], get("traceback")[-20000:], origin)

@@ -15,6 +15,7 @@ import secrets
 import socket
 import ssl
 import sys
+import time
 import weakref
 from typing import Any
 
@@ -24,6 +25,7 @@ from gymnasium.vector import AutoresetMode
 from . import codec
 from . import protocol as P
 from .errors import WsGymError
+from .host import check_vectorization
 from .local import LocalWorkers, split_envs
 from .pool import Expectation, WorkerPool, certificate_fingerprint, format_url, is_loopback, loopback_for
 from .spaces import schema_to_space, space_to_schema
@@ -139,6 +141,9 @@ class Trainer:
         keyfile: str | None = None,
         max_pending_handshakes: int = 64,
         handshake_timeout: float = 10.0,
+        worker_vectorization: str = "sync",
+        heartbeat: float | None = 10.0,
+        on_worker_lost: str = "raise",
     ) -> None:
         if env_id is not None and not isinstance(env_id, str):
             raise TypeError(f"env_id must be a string or None, got {type(env_id).__name__}")
@@ -148,6 +153,12 @@ class Trainer:
             raise ValueError("local_workers needs env_id: the local workers host the env the trainer names")
         if local_workers < 0:
             raise ValueError("local_workers must be >= 0")
+        check_vectorization(worker_vectorization)
+        if on_worker_lost not in ("raise", "wait"):
+            raise ValueError(f'on_worker_lost must be "raise" or "wait", got {on_worker_lost!r}')
+        if heartbeat is not None and not heartbeat > 0:
+            raise ValueError(f"heartbeat must be a positive number of seconds or None, got {heartbeat!r}")
+        self.wait_mode = on_worker_lost == "wait"
         for name, value in (("max_msg_size", max_msg_size), ("max_pending_handshakes", max_pending_handshakes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -189,10 +200,11 @@ class Trainer:
             num_envs=num_envs, expect=expect, host=host, port=port, token=token,
             max_msg_size=max_msg_size, ready_timeout=max(self.connect_timeout, 10.0),
             handshake_timeout=float(handshake_timeout), max_pending_handshakes=max_pending_handshakes,
-            ssl_context=server_ssl,
+            ssl_context=server_ssl, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
         )
         self.url = self.pool.url
         self.local: LocalWorkers | None = None
+        self._next_local_check = 0.0
         self._waited = False
         try:
             if self.token_generated:
@@ -200,7 +212,10 @@ class Trainer:
                      f"on each PC run: {self.worker_command()}")
             if counts:
                 self.local = LocalWorkers(self.pool.local_url, counts, token=token,
-                                          cert_fingerprint=self._own_fingerprint())
+                                          cert_fingerprint=self._own_fingerprint(),
+                                          vectorization=worker_vectorization)
+                if self.wait_mode:  # keep replacing crashed local workers: training goes on
+                    self.local.max_restarts = None
         except BaseException:
             self.pool.close()
             raise
@@ -235,6 +250,14 @@ class Trainer:
             return certificate_fingerprint(loopback_for(self.pool.host), self.pool.port)
         except (OSError, ssl.SSLError) as exc:
             raise WsGymError(f"could not read this trainer's own TLS certificate for its local workers: {exc}") from exc
+
+    def check_local(self) -> None:
+        """Restart crashed local workers (at most every half second: it is called per step)."""
+        if self.local is not None:
+            now = time.monotonic()
+            if now >= self._next_local_check:
+                self._next_local_check = now + 0.5
+                self.local.check()
 
     def _check_local(self) -> None:
         if self.local is not None:
@@ -273,8 +296,8 @@ class Trainer:
     def request(self, items: list[tuple[Any, str, Any]], timeout: float | None = -1) -> list[Any]:
         return self.pool.request(items, self.step_timeout if timeout == -1 else timeout)
 
-    def submit(self, items: list[tuple[Any, str, Any]]) -> Any:
-        return self.pool.submit(items)
+    def submit(self, items: list[tuple[Any, str, Any]], tolerant: bool = False) -> Any:
+        return self.pool.submit(items, tolerant)
 
     def wait(self, call: Any, timeout: float | None = -1) -> list[Any]:
         return self.pool.wait(call, self.step_timeout if timeout == -1 else timeout)

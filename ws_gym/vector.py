@@ -24,10 +24,12 @@ from . import protocol as P
 from . import codec
 from .codec import Unencodable
 from .errors import ProtocolError
+from .pool import LOST
 from .trainer import Trainer, autoreset_value
 
 __all__ = ["RemoteVectorEnv"]
 
+LOST_KEY = "worker_lost"  # info flag of envs whose worker is lost (on_worker_lost="wait")
 _ARRAY_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 _warned_types: set[str] = set()
 
@@ -61,6 +63,17 @@ def join(space: gym.Space, parts: list[Any]) -> Any:
     if isinstance(space, spaces.Tuple):
         return tuple(join(sub, [p[j] for p in parts]) for j, sub in enumerate(space.spaces))
     return tuple(itertools.chain.from_iterable(parts))
+
+
+def item(space: gym.Space, batch: Any, i: int) -> Any:
+    """Element ``i`` of a batch of ``space``, as its own value."""
+    if isinstance(space, _ARRAY_SPACES):
+        return batch[i].copy()
+    if isinstance(space, spaces.Dict):
+        return {k: item(sub, batch[k], i) for k, sub in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return tuple(item(sub, batch[j], i) for j, sub in enumerate(space.spaces))
+    return batch[i]
 
 
 def cut(space: gym.Space, batch: Any, a: int, b: int) -> Any:
@@ -149,6 +162,9 @@ class RemoteVectorEnv(VectorEnv):
         keyfile: str | None = None,
         max_pending_handshakes: int = 64,
         handshake_timeout: float = 10.0,
+        worker_vectorization: str = "sync",
+        heartbeat: float | None = 10.0,
+        on_worker_lost: str = "raise",
     ) -> None:
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -166,11 +182,12 @@ class RemoteVectorEnv(VectorEnv):
             max_msg_size=max_msg_size, record_episode_statistics=record_episode_statistics,
             ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
             max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
+            worker_vectorization=worker_vectorization, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
         )
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
-        self._obs_parts: dict[Any, Any] = {}
-        self._pending: tuple[Any, list] | None = None  # a step_async awaiting step_wait
+        self._last: list[tuple[int, int, Any]] = []  # (start, stop, obs batch): the latest observations
+        self._pending: tuple[Any, Any, Any] | None = None  # a step_async awaiting step_wait
         self._single_obs = self._single_act = self._obs = self._act = None
         self._render_mode = render_mode
         self.closed = False
@@ -216,7 +233,8 @@ class RemoteVectorEnv(VectorEnv):
         """Reset the envs (waiting for workers first); ``seed + i`` seeds env i."""
         self._check_idle()
         trainer = self._trainer
-        trainer.wait_workers()
+        if not (trainer.wait_mode and self._last):  # wait mode: only the first reset waits
+            trainer.wait_workers()
         if self._single_obs is None:
             self._load_spaces()
         n = self.num_envs
@@ -235,6 +253,8 @@ class RemoteVectorEnv(VectorEnv):
         if options is not None and "reset_mask" in options:
             mask = options.pop("reset_mask")
             _check_mask(mask, n)
+        if trainer.wait_mode and self._last:
+            return self._reset_around_holes(seeds, options, mask)
         workers = trainer.pool.serving()
         items, asked = [], []
         for w in workers:
@@ -246,17 +266,62 @@ class RemoteVectorEnv(VectorEnv):
                 body["mask"] = part.tolist()
             items.append((w, P.RESET, body))
             asked.append(w)
-        replies = trainer.request(items)
+        replies = trainer.wait(trainer.submit(items))
         infos: dict[str, Any] = {}
         for w, reply in zip(asked, replies):
             check_reply(reply, w.count, self._single_obs, w.origin, step=False)
-        for w, reply in zip(asked, replies):
-            self._obs_parts[w] = reply["o"]
+        fresh = dict(zip(asked, replies))
+        for w, reply in fresh.items():
             w.fresh = False
             for i, info in reply["f"]:
                 infos = self._add_info(infos, own(info), w.start + i)
-        self._obs_parts = {w: self._obs_parts[w] for w in workers}
-        return join(self._single_obs, [self._obs_parts[w] for w in workers]), infos
+        self._last = [(w.start, w.stop, fresh[w]["o"] if w in fresh else self._held(w.start, w.stop))
+                      for w in workers]
+        return join(self._single_obs, [part for _, _, part in self._last]), infos
+
+    def _reset_around_holes(self, seeds: list, options: dict | None, mask: np.ndarray | None) -> tuple[Any, dict]:
+        """Wait mode: reset the envs that have a worker; envs without one keep
+        their last observation and say so in ``infos["worker_lost"]``."""
+        plan, items = [], []
+        for a, b, w in self._trainer.pool.layout():
+            if w is not None:
+                body: dict[str, Any] = {"seeds": seeds[a:b], "options": options}
+                if mask is not None and not w.fresh:
+                    part = mask[a:b]
+                    if not part.any():
+                        plan.append((a, b, None, "keep"))
+                        continue
+                    body["mask"] = part.tolist()
+                items.append((w, P.RESET, body))
+            plan.append((a, b, w, "reset" if w is not None else "lost"))
+        replies = iter(self._trainer.wait(self._trainer.submit(items, tolerant=True)))
+        infos: dict[str, Any] = {}
+        last = []
+        for a, b, w, what in plan:
+            reply = next(replies) if w is not None else LOST
+            if what == "keep":
+                last.append((a, b, self._held(a, b)))
+                continue
+            if reply is LOST:
+                held = self._held(a, b)
+                for i in range(a, b):
+                    if mask is None or mask[i]:
+                        infos = self._add_info(infos, {LOST_KEY: True}, i)
+                last.append((a, b, held))
+                continue
+            check_reply(reply, b - a, self._single_obs, w.origin, step=False)
+            w.fresh = False
+            for i, info in reply["f"]:
+                infos = self._add_info(infos, own(info), a + i)
+            last.append((a, b, reply["o"]))
+        self._last = last
+        return join(self._single_obs, [part for _, _, part in last]), infos
+
+    def _held(self, a: int, b: int) -> Any:
+        """The last observations of envs ``a:b`` (a batch), from the previous results."""
+        space = self._single_obs
+        pieces = [cut(space, part, max(a, s) - s, min(b, e) - s) for s, e, part in self._last if s < b and a < e]
+        return pieces[0] if len(pieces) == 1 else join(space, pieces)
 
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step every env; one request per worker, sent concurrently."""
@@ -270,19 +335,39 @@ class RemoteVectorEnv(VectorEnv):
         """
         self._check_idle()
         trainer = self._trainer
-        workers = trainer.pool.serving()
+        workers = None if trainer.wait_mode else trainer.pool.serving()
         if isinstance(self._single_act, _ARRAY_SPACES):
             actions = np.asarray(actions)
             if actions.shape[:1] != (self.num_envs,):
                 raise ValueError(
                     f"expected a batch of {self.num_envs} actions, got an array of shape {actions.shape}"
                 )
+        if trainer.wait_mode:
+            self._pending = self._step_around_holes(actions)
+            return
         if len(workers) == 1:
             items = [(workers[0], P.STEP, {"a": actions})]
         else:
             space = self._single_act
             items = [(w, P.STEP, {"a": cut(space, actions, w.start, w.stop)}) for w in workers]
-        self._pending = (trainer.submit(items), workers)
+        self._pending = (trainer.submit(items), workers, None)
+
+    def _step_around_holes(self, actions: Any) -> tuple[Any, None, list]:
+        """Wait mode: step the envs that have a worker. A worker that joined since
+        the last step takes over its envs with a reset instead."""
+        self._trainer.check_local()  # restart crashed local workers now, not at the next reset
+        plan, items = [], []
+        space = self._single_act
+        for a, b, w in self._trainer.pool.layout():
+            if w is None:
+                plan.append((a, b, None, "lost"))
+            elif w.fresh:
+                items.append((w, P.RESET, {"seeds": [None] * (b - a), "options": None}))
+                plan.append((a, b, w, "reset"))
+            else:
+                items.append((w, P.STEP, {"a": cut(space, actions, a, b)}))
+                plan.append((a, b, w, "step"))
+        return self._trainer.submit(items, tolerant=True), None, plan
 
     def step_wait(
         self, timeout: float | None = None
@@ -291,19 +376,20 @@ class RemoteVectorEnv(VectorEnv):
         seconds (default: the env's ``step_timeout``)."""
         if self._pending is None:
             raise NoAsyncCallError("calling `step_wait` without any prior call to `step_async`.", "step")
-        call, workers = self._pending
+        call, workers, plan = self._pending
         self._pending = None
         replies = self._trainer.wait(call, -1 if timeout is None else timeout)
-        parts = self._obs_parts = {}
+        if plan is not None:
+            return self._join_around_holes(plan, replies)
         infos: dict[str, Any] = {}
         space = self._single_obs
         for w, reply in zip(workers, replies):
             check_reply(reply, w.count, space, w.origin, step=True)
         for w, reply in zip(workers, replies):
-            parts[w] = reply["o"]
             if reply["f"]:
                 for i, info in reply["f"]:
                     infos = self._add_info(infos, own(info), w.start + i)
+        self._last = [(w.start, w.stop, r["o"]) for w, r in zip(workers, replies)]
         if len(replies) == 1:
             r = replies[0]
             return join(space, [r["o"]]), r["r"].copy(), r["t"].copy(), r["u"].copy(), infos
@@ -314,6 +400,51 @@ class RemoteVectorEnv(VectorEnv):
             np.concatenate([r["u"] for r in replies]),
             infos,
         )
+
+    def _join_around_holes(self, plan: list, replies: list) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Wait mode: one full batch. Envs without a worker end (again) as truncated
+        with their last observation, reward 0 and ``infos["worker_lost"]``."""
+        space = self._single_obs
+        same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
+        replies = iter(replies)
+        infos: dict[str, Any] = {}
+        obs, rew, term, trunc, last = [], [], [], [], []
+        for a, b, w, what in plan:
+            n = b - a
+            reply = next(replies) if w is not None else LOST
+            if reply is not LOST:
+                check_reply(reply, n, space, w.origin, step=what == "step")
+            if what == "step" and reply is not LOST:
+                o, r, t, u = reply["o"], reply["r"], reply["t"], reply["u"]
+                for i, info in reply["f"]:
+                    infos = self._add_info(infos, own(info), a + i)
+            else:
+                held = self._held(a, b)
+                r, t = np.zeros(n), np.zeros(n, dtype=np.bool_)
+                if reply is LOST:  # out of service: the episode ends here, again
+                    o, u = held, np.ones(n, dtype=np.bool_)
+                    for i in range(n):
+                        info = {LOST_KEY: True}
+                        if same_step:
+                            info.update(final_obs=item(space, held, i), final_info={LOST_KEY: True})
+                        infos = self._add_info(infos, info, a + i)
+                else:  # a new worker took these envs over: their first observation
+                    w.fresh = False
+                    o, u = reply["o"], np.full(n, same_step)
+                    reset_infos = dict(reply["f"])
+                    for i in range(n):
+                        info = own(reset_infos.get(i, {}))
+                        if same_step:  # the step that ends the lost episode brings the reset
+                            info.update(final_obs=item(space, held, i), final_info={LOST_KEY: True})
+                        if info:
+                            infos = self._add_info(infos, info, a + i)
+            obs.append(o)
+            rew.append(r)
+            term.append(t)
+            trunc.append(u)
+            last.append((a, b, o))
+        self._last = last
+        return join(space, obs), np.concatenate(rew), np.concatenate(term), np.concatenate(trunc), infos
 
     def render(self) -> tuple[Any, ...] | None:
         """A tuple with one frame per env, as ``SyncVectorEnv.render``."""

@@ -29,7 +29,7 @@ import orjson
 from . import codec, loops
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
-from .host import EnvHost
+from .host import VECTORIZATIONS, EnvHost, check_vectorization
 from .wsio import receive_message
 
 log = logging.getLogger("ws_gym.worker")
@@ -38,8 +38,8 @@ TOKEN_ENV = P.TOKEN_ENV
 TOKEN_HEADER = P.TOKEN_HEADER
 DEFAULT_MAX_MSG = 256 * 1024 * 1024
 
-EXIT_OK, EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_GAVE_UP = (
-    P.EXIT_OK, P.EXIT_REFUSED, P.EXIT_UNAUTHORIZED, P.EXIT_GAVE_UP
+EXIT_OK, EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_GAVE_UP, EXIT_UNTRUSTED = (
+    P.EXIT_OK, P.EXIT_REFUSED, P.EXIT_UNAUTHORIZED, P.EXIT_GAVE_UP, P.EXIT_UNTRUSTED
 )
 
 
@@ -88,7 +88,10 @@ def client_ssl(
     if chosen and not url.lower().startswith("wss://"):
         raise ValueError(f"{chosen[0]} needs a wss:// URL (the trainer serves TLS), got {url}")
     if cafile:
-        return ssl.create_default_context(cafile=cafile)
+        try:
+            return ssl.create_default_context(cafile=cafile)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(f"--cafile {cafile}: cannot load it ({exc})") from None
     if cert_fingerprint:
         digest = cert_fingerprint.replace(":", "").strip()
         try:
@@ -119,8 +122,12 @@ class Worker:
         cafile: str | None = None,
         insecure: bool = False,
         cert_fingerprint: str | None = None,
+        vectorization: str = "sync",
+        heartbeat: float | None = 10.0,
     ) -> None:
         self.url = url
+        self.heartbeat = heartbeat or None
+        self.vectorization = check_vectorization(vectorization)
         self.insecure = insecure
         self._ssl = client_ssl(url, cafile=cafile, insecure=insecure, cert_fingerprint=cert_fingerprint)
         self.env_id = env_id
@@ -154,6 +161,7 @@ class Worker:
                     async with session.ws_connect(
                         self.url, headers=headers, max_msg_size=self.max_msg_size,
                         compress=0, autoping=True, autoclose=True, ssl=self._ssl,
+                        heartbeat=self.heartbeat,  # a trainer gone silent is noticed
                     ) as ws:
                         log.info("connected to %s%s", self.url,
                                  " (certificate NOT verified: --insecure)" if self.insecure else "")
@@ -207,6 +215,11 @@ class Worker:
                     if not announced:
                         log.info("waiting for the trainer at %s (%s)", self.url, exc.__class__.__name__)
                         announced = True
+                    if (isinstance(exc, aiohttp.ServerDisconnectedError) and not tls_warned
+                            and self.url.lower().startswith("ws://")):
+                        log.warning("%s hung up at once: if the trainer serves TLS, its URL starts "
+                                    "with wss://; retrying", self.url)
+                        tls_warned = True
                 if self._delays_reset:  # a session was served: start backing off afresh
                     delays, self._delays_reset = backoff_delays(), False
                 if self.retry_timeout is not None and loop.time() - waited_since > self.retry_timeout:
@@ -229,7 +242,7 @@ class Worker:
             await ws.send_bytes(codec.encode(P.ERROR, 0, {"type": "Refused", "message": why, "traceback": ""}))
             raise HandshakeError(why)
         try:
-            self.host = EnvHost(welcome)
+            self.host = EnvHost(welcome, vectorization=self.vectorization)
         except Exception as exc:  # env creation failed: tell the trainer why
             log.exception("could not create %s", welcome.env_id)
             await ws.send_bytes(codec.encode(P.ERROR, 0, P.error_body(exc)))
@@ -316,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", dest="env_id", default=None,
                    help="the env id to host; without it the worker hosts the id the trainer announces")
     p.add_argument("--num-envs", type=int, default=1, help="how many envs to host (default 1)")
+    p.add_argument("--vectorization", choices=VECTORIZATIONS, default="sync",
+                   help="sync (default): step the envs one after another in this process; async: one "
+                        "subprocess per env (gymnasium's AsyncVectorEnv), for CPU-heavy envs on a multi-core PC")
     p.add_argument("--env-kwargs", default=None, help='JSON object of keyword arguments for gym.make, e.g. \'{"render_mode": "rgb_array"}\'')
     p.add_argument("--token", default=None, help=f"shared secret the trainer expects (or set {TOKEN_ENV})")
     tls = p.add_mutually_exclusive_group()
@@ -331,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up after this many seconds without a trainer (default: retry forever)")
     p.add_argument("--max-msg-size", type=int, default=DEFAULT_MAX_MSG, help="largest message accepted, in bytes")
     p.add_argument("--name", default=None, help="name shown in the trainer's logs (default host:pid)")
+    p.add_argument("--heartbeat", type=float, default=10.0,
+                   help="ping a quiet trainer every this many seconds; no answer within half of it "
+                        "means the connection is lost and the worker reconnects (0: off; default 10)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -366,10 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_import=args.allow_import,
             retry_timeout=args.retry_timeout,
             max_msg_size=args.max_msg_size,
+            heartbeat=args.heartbeat,
             name=args.name,
             cafile=args.cafile,
             insecure=args.insecure,
             cert_fingerprint=args.cert_fingerprint,
+            vectorization=args.vectorization,
         )
     except (ValueError, OSError) as exc:  # TLS options: bad combination, unreadable --cafile
         print(f"ws_gym.worker: {exc}", file=sys.stderr)

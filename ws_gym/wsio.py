@@ -17,6 +17,10 @@ async def receive_message(ws, timeout: float | None, during: str) -> codec.Messa
     ``ProtocolError`` (during a handshake nothing else is expected).
     """
     msg = await ws.receive(timeout=timeout)
+    while msg.type == aiohttp.WSMsgType.PING or msg.type == aiohttp.WSMsgType.PONG:
+        if msg.type == aiohttp.WSMsgType.PING:  # a side that answers pings itself
+            await ws.pong(msg.data)
+        msg = await ws.receive(timeout=timeout)
     if msg.type == aiohttp.WSMsgType.BINARY:
         return codec.decode(msg.data)
     if msg.type in _CLOSING:

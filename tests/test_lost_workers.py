@@ -1,0 +1,167 @@
+"""Lost workers: heartbeats, and on_worker_lost="wait" keeping training going.
+
+Real worker processes on 127.0.0.1 are killed, stopped (SIGSTOP, a sleeping
+PC) or stalled; the trainer must notice in bounded time and, in wait mode,
+keep returning full batches and hand the envs to the next worker that dials in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+from gymnasium.vector import AutoresetMode
+
+import ws_gym
+import tests.envs  # noqa: F401
+
+COUNTER = "tests.envs:Counter-v0"
+
+
+def wait_until(pred, timeout: float, what: str) -> float:
+    """Bounded wait for something another process does; returns the time taken."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def holes(envs) -> list[tuple[int, int]]:
+    return [(a, b) for a, b, w in envs._trainer.pool.layout() if w is None]
+
+
+def step_until(envs, actions, pred, timeout: float, what: str):
+    """Step (each step bounded by step_timeout) until ``pred(result)``; return that result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = envs.step(actions)
+        if pred(result):
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP], ids=lambda m: m.value)
+def test_wait_mode_truncates_lost_envs_and_a_new_worker_takes_over(cli_workers, mode):
+    envs = ws_gym.RemoteVectorEnv(4, env_id=COUNTER, port=0, on_worker_lost="wait", step_timeout=10,
+                                  autoreset_mode=mode, connect_timeout=60)
+    try:
+        workers = [cli_workers.start("--url", envs.url, "--env", COUNTER, "--num-envs", "2") for _ in range(2)]
+        envs.reset(seed=0)
+        zeros = np.zeros(4, dtype=np.int64)
+        for _ in range(3):
+            obs, *_ = envs.step(zeros)
+        assert obs[:, 0].tolist() == [3, 3, 3, 3]
+        # which worker serves envs 2..3?
+        victim = next(p for p in workers if envs._trainer.pool._slots[2].name.endswith(f":{p.pid}"))
+        victim.kill()
+        victim.wait(timeout=10)
+        for k in range(3):  # full batches; the lost envs end (again) as truncated, last obs kept
+            t0 = time.monotonic()
+            obs, rew, term, trunc, infos = envs.step(zeros)
+            assert time.monotonic() - t0 < 10
+            assert obs.shape == (4, 2) and rew.shape == term.shape == trunc.shape == (4,)
+            assert obs[:2, 0].tolist() == [4 + k, 4 + k]  # the other worker goes on
+            assert obs[2:].tolist() == [[3, 3], [3, 3]]  # last observation kept
+            assert rew[2:].tolist() == [0, 0] and term[2:].tolist() == [False, False]
+            assert trunc.tolist() == [False, False, True, True]
+            assert infos["_worker_lost"].tolist() == [False, False, True, True]
+            assert infos["worker_lost"][2:].tolist() == [True, True]
+            if mode is AutoresetMode.SAME_STEP:
+                assert infos["_final_obs"].tolist() == [False, False, True, True]
+                assert infos["final_obs"][2].tolist() == [3, 3]
+                assert infos["final_info"]["worker_lost"][2]
+        # a new PC dials in: it takes over envs 2..3 with a fresh episode
+        cli_workers.start("--url", envs.url, "--env", COUNTER, "--num-envs", "2")
+        obs, rew, term, trunc, infos = step_until(
+            envs, zeros, lambda r: "worker_lost" not in r[4] or not r[4]["_worker_lost"].any(), 30, "the takeover")
+        assert obs[2:].tolist() == [[0, 0], [0, 0]]  # the new envs' first observation
+        assert rew[2:].tolist() == [0, 0]
+        if mode is AutoresetMode.SAME_STEP:  # this step ends the lost episode and brings the reset
+            assert trunc[2:].tolist() == [True, True] and infos["final_obs"][3].tolist() == [3, 3]
+        else:  # NEXT_STEP: the step after a truncation is the reset step
+            assert trunc[2:].tolist() == [False, False]
+        obs, *_ = envs.step(zeros)
+        assert obs[2:].tolist() == [[1, 1], [1, 1]]
+        assert not holes(envs)
+    finally:
+        envs.close()
+
+
+def test_wait_mode_step_timeout_cuts_off_a_stalled_worker(cli_workers):
+    envs = ws_gym.RemoteVectorEnv(2, env_id=COUNTER, port=0, on_worker_lost="wait", step_timeout=0.5,
+                                  connect_timeout=60)
+    try:
+        for _ in range(2):
+            cli_workers.start("--url", envs.url, "--env", COUNTER)
+        envs.reset(seed=0)
+        t0 = time.monotonic()
+        obs, rew, term, trunc, infos = envs.step(np.array([3, 0]))  # env 0 stalls for 3 s
+        took = time.monotonic() - t0
+        assert took < 2.5, f"step took {took:.1f} s; step_timeout is 0.5 s"
+        assert trunc.tolist() == [True, False] and infos["_worker_lost"].tolist() == [True, False]
+        assert obs[1].tolist() == [1, 1]
+        # the stalled worker finds its connection gone and dials in again by itself
+        obs, *_ = step_until(envs, np.zeros(2, dtype=np.int64),
+                             lambda r: "worker_lost" not in r[4], 30, "the stalled worker to rejoin")
+        assert obs[0].tolist() == [0, 0]
+    finally:
+        envs.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
+def test_heartbeat_notices_a_silent_worker(cli_workers):
+    """A worker that stops answering (SIGSTOP: a sleeping PC, a pulled cable) is
+    cut off within 1.5 heartbeats, without any call in flight."""
+    envs = ws_gym.RemoteVectorEnv(2, env_id=COUNTER, port=0, heartbeat=0.5, connect_timeout=60)
+    proc = cli_workers.start("--url", envs.url, "--env", COUNTER, "--num-envs", "2")
+    try:
+        envs.reset(seed=0)
+        envs.step(np.zeros(2, dtype=np.int64))
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            took = wait_until(lambda: holes(envs), 10, "the heartbeat to notice")
+            assert took < 0.5 * 1.5 + 1.0
+            with pytest.raises(ws_gym.WorkerLostError, match="no worker"):
+                envs.step(np.zeros(2, dtype=np.int64))
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        # awake again, the worker finds its connection cut and dials in afresh
+        obs, _ = envs.reset(seed=1)
+        assert obs.tolist() == [[0, 0], [0, 0]]
+        assert proc.poll() is None
+    finally:
+        envs.close()
+
+
+def test_heartbeat_leaves_a_busy_worker_alone(cli_workers):
+    """A step longer than the heartbeat is not mistaken for a dead worker."""
+    envs = ws_gym.RemoteVectorEnv(1, env_id=COUNTER, port=0, heartbeat=0.4, step_timeout=20, connect_timeout=60)
+    try:
+        cli_workers.start("--url", envs.url, "--env", COUNTER)
+        envs.reset(seed=0)
+        obs, *_ = envs.step(np.array([3]))  # 3 s, many heartbeats long
+        assert obs.tolist() == [[1, 1]]
+        assert envs.step(np.array([0]))[0].tolist() == [[2, 2]]
+    finally:
+        envs.close()
+
+
+def test_wait_mode_restarts_crashed_local_workers_while_stepping():
+    envs = ws_gym.RemoteVectorEnv(4, env_id=COUNTER, port=0, local_workers=2, on_worker_lost="wait",
+                                  step_timeout=10)
+    try:
+        envs.reset(seed=0)
+        for _ in range(5):  # more crashes than the 3 restarts allowed in "raise" mode
+            envs.step(np.array([1, 0, 0, 0]))  # env 0's worker dies
+            step_until(envs, np.zeros(4, dtype=np.int64),
+                       lambda r: "worker_lost" not in r[4], 60, "the local worker's restart")
+        assert not holes(envs)
+    finally:
+        envs.close()
