@@ -165,3 +165,22 @@ def test_wait_mode_restarts_crashed_local_workers_while_stepping():
         assert not holes(envs)
     finally:
         envs.close()
+
+
+def test_single_env_wait_mode(cli_workers):
+    env = ws_gym.RemoteEnv(COUNTER, port=0, on_worker_lost="wait", step_timeout=10, connect_timeout=60)
+    try:
+        first = cli_workers.start("--url", env.url, "--env", COUNTER)
+        env.reset(seed=0)
+        obs, *_ = env.step(0)
+        assert obs.tolist() == [1, 1]
+        first.kill()
+        first.wait(timeout=10)
+        obs, rew, term, trunc, info = env.step(0)
+        assert (obs.tolist(), rew, term, trunc, info) == ([1, 1], 0.0, False, True, {"worker_lost": True})
+        cli_workers.start("--url", env.url, "--env", COUNTER)
+        obs, _ = env.reset()  # waits for the new worker
+        assert obs.tolist() == [0, 0]
+        assert env.step(0)[0].tolist() == [1, 1]
+    finally:
+        env.close()

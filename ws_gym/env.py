@@ -9,9 +9,10 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
 from . import protocol as P
-from .errors import ProtocolError
+from .errors import ProtocolError, WorkerLostError
+from .pool import LOST
 from .trainer import Trainer
-from .vector import own
+from .vector import LOST_KEY, own
 
 __all__ = ["RemoteEnv"]
 
@@ -74,6 +75,7 @@ class RemoteEnv(gym.Env):
         self._render_mode = render_mode
         self._closed = False
         self._loaded = False
+        self._last_obs: Any = None  # as received; kept for on_worker_lost="wait"
         if self._trainer.pool.expect.ready is not None or local_workers:
             try:
                 self._load()
@@ -114,13 +116,30 @@ class RemoteEnv(gym.Env):
             self._load()
         (reply,) = self._trainer.request([(worker, P.RESET, {"seeds": seed, "options": options})])
         _check(reply, ("o", "info"), worker.origin)
+        worker.fresh = False
+        self._last_obs = reply["o"]
         return own(reply["o"]), own(reply["info"])
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
-        worker = self._trainer.pool.serving()[0]
-        (reply,) = self._trainer.request([(worker, P.STEP, {"a": action})])
+        trainer = self._trainer
+        if trainer.wait_mode:  # a lost worker ends the episode as truncated; reset() waits for a new one
+            worker = trainer.pool.layout()[0][2]
+            if worker is None or worker.fresh or self._last_obs is None:
+                return self._lost()
+            (reply,) = trainer.wait(trainer.submit([(worker, P.STEP, {"a": action})], tolerant=True))
+            if reply is LOST:
+                return self._lost()
+        else:
+            worker = trainer.pool.serving()[0]
+            (reply,) = trainer.request([(worker, P.STEP, {"a": action})])
         _check(reply, ("o", "r", "t", "u", "info"), worker.origin)
+        self._last_obs = reply["o"]
         return own(reply["o"]), reply["r"], reply["t"], reply["u"], own(reply["info"])
+
+    def _lost(self) -> tuple[Any, float, bool, bool, dict]:
+        if self._last_obs is None:
+            raise WorkerLostError("the worker was lost before the first reset completed")
+        return own(self._last_obs), 0.0, False, True, {LOST_KEY: True}
 
     def render(self) -> Any:
         (frame,) = self._trainer.request([(self._worker(), P.RENDER, {})])
