@@ -37,7 +37,7 @@ class LocalWorkers:
 
     def __init__(
         self, url: str, counts: list[int], *, token: str | None = None, cert_fingerprint: str | None = None,
-        vectorization: str = "sync",
+        vectorization: str = "sync", unix_socket: str | None = None,
     ) -> None:
         env = dict(os.environ)
         # The children import what the trainer can import (user env modules too).
@@ -65,6 +65,8 @@ class LocalWorkers:
                 ]
                 if vectorization != "sync":  # envs in subprocesses of each worker
                     cmd += ["--vectorization", vectorization]
+                if unix_socket:  # the trainer's private Unix socket instead of loopback TCP
+                    cmd += ["--unix-socket", unix_socket]
                 if cert_fingerprint:  # wss://: trust exactly the trainer's own certificate
                     cmd += ["--cert-fingerprint", cert_fingerprint]
                 self._cmds.append(cmd)

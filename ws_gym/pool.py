@@ -12,6 +12,7 @@ worker that disconnects fails its pending requests at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import hashlib
 import hmac
 import ipaddress
@@ -180,6 +181,7 @@ class WorkerPool:
         ssl_context: ssl.SSLContext | None = None,
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
+        unix_path: str | None = None,
     ) -> None:
         self.num_envs = num_envs
         self.expect = expect
@@ -190,6 +192,7 @@ class WorkerPool:
         self.ready_timeout = ready_timeout
         self.max_pending_handshakes = max_pending_handshakes
         self.heartbeat = heartbeat
+        self.unix_path = unix_path  # also listen here, for local workers (POSIX)
         self.wait_mode = on_worker_lost == "wait"
         self._watchdog: asyncio.Future | None = None
         self.ssl_context = ssl_context
@@ -243,6 +246,9 @@ class WorkerPool:
                           "pass port=0 to pick a free port") from None
         site = web.SockSite(self._runner, sock, ssl_context=self.ssl_context)
         await site.start()
+        if self.unix_path is not None:  # local workers: a Unix socket is quicker than loopback TCP
+            await web.UnixSite(self._runner, self.unix_path).start()
+            os.chmod(self.unix_path, 0o600)  # this user only (the token is checked as well)
         if self.heartbeat:
             self._watchdog = asyncio.ensure_future(self._watch(self.heartbeat))
         return sock.getsockname()[1]
@@ -270,7 +276,7 @@ class WorkerPool:
         pending = True
         # autoping off: _read_replies answers pings itself and sees pongs (heartbeats)
         ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, compress=False, autoping=False)
-        peer = str(request.remote)
+        peer = str(request.remote or "unix socket")
         conn = None
         try:
             await ws.prepare(request)
@@ -506,16 +512,28 @@ class WorkerPool:
     def _dispatch(self, call: _Call, items: list) -> None:
         for idx, (conn, rid, _) in enumerate(items):
             if not conn.alive:
+                if call.tolerant:  # wait mode: lost after the caller's layout(), before this
+                    call.results[idx] = LOST
+                    call.remaining -= 1
+                    continue
                 call.fail(WorkerLostError(f"{conn.origin} is gone"))
                 return
             conn.pending[rid] = (call, idx)
+        if call.remaining == 0:
+            call.finish()
+            return
         self._loop.create_task(self._send_all(call, items))
 
     async def _send_all(self, call: _Call, items: list) -> None:
         for conn, rid, frame in items:
+            if rid not in conn.pending:  # lost meanwhile (wait mode: its part is LOST already)
+                continue
             try:
                 await conn.ws.send_bytes(frame)
             except (ConnectionError, RuntimeError) as exc:
+                if call.tolerant:  # wait mode: the worker is lost, its part becomes LOST
+                    self._drop(conn, f"send failed: {exc}", cut_off=True)
+                    continue
                 conn.pending.pop(rid, None)
                 call.fail(WorkerLostError(f"{conn.origin}: send failed: {exc}"))
                 return

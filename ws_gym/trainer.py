@@ -11,10 +11,13 @@ from __future__ import annotations
 import atexit
 import importlib
 import logging
+import os
 import secrets
+import shutil
 import socket
 import ssl
 import sys
+import tempfile
 import time
 import weakref
 from typing import Any
@@ -196,12 +199,19 @@ class Trainer:
             record_episode_statistics=bool(record_episode_statistics),
             ready=probe(env_id, env_kwargs, max_episode_steps),
         )
-        self.pool = WorkerPool(
-            num_envs=num_envs, expect=expect, host=host, port=port, token=token,
-            max_msg_size=max_msg_size, ready_timeout=max(self.connect_timeout, 10.0),
-            handshake_timeout=float(handshake_timeout), max_pending_handshakes=max_pending_handshakes,
-            ssl_context=server_ssl, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
-        )
+        unix_path = self._unix_path(counts, server_ssl)
+        try:
+            self.pool = WorkerPool(
+                num_envs=num_envs, expect=expect, host=host, port=port, token=token,
+                max_msg_size=max_msg_size, ready_timeout=max(self.connect_timeout, 10.0),
+                handshake_timeout=float(handshake_timeout), max_pending_handshakes=max_pending_handshakes,
+                ssl_context=server_ssl, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
+                unix_path=unix_path,
+            )
+        except BaseException:
+            if self._unix_dir is not None:
+                shutil.rmtree(self._unix_dir, ignore_errors=True)
+            raise
         self.url = self.pool.url
         self.local: LocalWorkers | None = None
         self._next_local_check = 0.0
@@ -211,7 +221,7 @@ class Trainer:
                 _say(f"listening on {self.url} with a generated token (no token= was given); "
                      f"on each PC run: {self.worker_command()}")
             if counts:
-                self.local = LocalWorkers(self.pool.local_url, counts, token=token,
+                self.local = LocalWorkers(self.pool.local_url, counts, token=token, unix_socket=self.pool.unix_path,
                                           cert_fingerprint=self._own_fingerprint(),
                                           vectorization=worker_vectorization)
                 if self.wait_mode:  # keep replacing crashed local workers: training goes on
@@ -302,10 +312,27 @@ class Trainer:
     def wait(self, call: Any, timeout: float | None = -1) -> list[Any]:
         return self.pool.wait(call, self.step_timeout if timeout == -1 else timeout)
 
+    def _unix_path(self, counts: list[int], server_ssl: ssl.SSLContext | None) -> str | None:
+        """A private Unix socket for local workers (POSIX, plain ws): quicker than loopback TCP.
+
+        ``WS_GYM_UNIX=0`` turns it off; Windows and TLS use loopback TCP.
+        """
+        self._unix_dir = None
+        if not counts or server_ssl is not None or not hasattr(socket, "AF_UNIX") or sys.platform == "win32":
+            return None
+        if os.environ.get("WS_GYM_UNIX", "1").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        self._unix_dir = tempfile.mkdtemp(prefix="ws_gym-")  # mode 0700
+        return os.path.join(self._unix_dir, "trainer.sock")
+
     def close(self) -> None:
         _open.discard(self)
         try:
             self.pool.close()
         finally:
-            if self.local is not None:
-                self.local.close()
+            try:
+                if self.local is not None:
+                    self.local.close()
+            finally:
+                if self._unix_dir is not None:
+                    shutil.rmtree(self._unix_dir, ignore_errors=True)

@@ -124,8 +124,10 @@ class Worker:
         cert_fingerprint: str | None = None,
         vectorization: str = "sync",
         heartbeat: float | None = 10.0,
+        unix_socket: str | None = None,
     ) -> None:
         self.url = url
+        self.unix_socket = unix_socket
         self.heartbeat = heartbeat or None
         self.vectorization = check_vectorization(vectorization)
         self.insecure = insecure
@@ -155,7 +157,8 @@ class Worker:
                 "path can pose as the trainer, read the token and have this worker run envs for "
                 "them. Use --cafile with the trainer's certificate or CA instead."
             )
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        connector = aiohttp.UnixConnector(path=self.unix_socket) if self.unix_socket else None
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             while True:
                 try:
                     async with session.ws_connect(
@@ -347,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up after this many seconds without a trainer (default: retry forever)")
     p.add_argument("--max-msg-size", type=int, default=DEFAULT_MAX_MSG, help="largest message accepted, in bytes")
     p.add_argument("--name", default=None, help="name shown in the trainer's logs (default host:pid)")
+    p.add_argument("--unix-socket", default=None, help=argparse.SUPPRESS)  # local workers (POSIX)
     p.add_argument("--heartbeat", type=float, default=10.0,
                    help="ping a quiet trainer every this many seconds; no answer within half of it "
                         "means the connection is lost and the worker reconnects (0: off; default 10)")
@@ -386,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_timeout=args.retry_timeout,
             max_msg_size=args.max_msg_size,
             heartbeat=args.heartbeat,
+            unix_socket=args.unix_socket,
             name=args.name,
             cafile=args.cafile,
             insecure=args.insecure,

@@ -1,0 +1,65 @@
+"""The optional speed-ups and their portable fallbacks: uvloop, a Unix socket
+for local workers. Each path must give the same results."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ws_gym
+from ws_gym import loops
+
+from .conftest import assert_same
+
+
+def run_and_compare(envs) -> None:
+    ref = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
+    try:
+        assert_same(envs.reset(seed=11), ref.reset(seed=11), "reset")
+        rng = np.random.default_rng(0)
+        for t in range(60):
+            a = rng.integers(0, 2, 4)
+            assert_same(envs.step(a), ref.step(a), f"step {t}")
+    finally:
+        ref.close()
+
+
+@pytest.mark.parametrize("uvloop", ["1", "0"])
+def test_event_loop_choice(monkeypatch, uvloop):
+    if uvloop == "1" and loops.uvloop_module() is None:
+        pytest.skip("uvloop is not installed (pip install ws_gym[fast])")
+    monkeypatch.setenv("WS_GYM_UVLOOP", uvloop)  # the local workers inherit it
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=4, env_id="CartPole-v1", port=0, local_workers=2)
+    try:
+        assert loops.loop_name(envs._trainer.pool._loop) == ("uvloop" if uvloop == "1" else "asyncio")
+        run_and_compare(envs)
+    finally:
+        envs.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets are POSIX only; Windows uses TCP")
+@pytest.mark.parametrize("unix", ["1", "0"])
+def test_local_workers_use_a_private_unix_socket(monkeypatch, unix):
+    monkeypatch.setenv("WS_GYM_UNIX", unix)
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=4, env_id="CartPole-v1", port=0, local_workers=2)
+    try:
+        run_and_compare(envs)
+        path = envs._trainer.pool.unix_path
+        socknames = [c.transport.get_extra_info("sockname") for c in envs._trainer.pool._conns]
+        if unix == "1":
+            assert socknames == [path, path]
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        else:
+            assert path is None
+            assert all(isinstance(s, tuple) and s[0] == "127.0.0.1" for s in socknames)
+        envs.close()
+        if path is not None:
+            assert not os.path.exists(os.path.dirname(path))
+    finally:
+        envs.close()
