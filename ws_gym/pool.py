@@ -204,6 +204,8 @@ class WorkerPool:
         self._conns: set[WorkerConn] = set()
         self._events: list[str] = []  # recent refusals and losses, for error messages
         self._ids = itertools.count(1)
+        self._version = 0  # bumped whenever a slot or a worker's state changes
+        self._serving: tuple[int, list] = (-1, [])
         self._req_ids = itertools.count(1)
         self._call_lock = threading.Lock()
         self._closing = False
@@ -353,6 +355,7 @@ class WorkerPool:
             conn = WorkerConn(next(self._ids), hello.name, peer, start, min(run, hello.num_envs), ws)
             for i in range(conn.start, conn.stop):
                 self._slots[i] = conn
+            self._version += 1
             self._conns.add(conn)
             return conn
 
@@ -401,6 +404,7 @@ class WorkerPool:
         await ws.send_bytes(codec.encode(P.ACCEPT, 0, {}))
         with self._cond:
             conn.active = True
+            self._version += 1
             self._cond.notify_all()
         log.info("%s joined (%d envs)", conn.origin, conn.count)
         return conn
@@ -435,6 +439,7 @@ class WorkerPool:
             for i in range(conn.start, conn.stop):
                 if self._slots[i] is conn:
                     self._slots[i] = None
+            self._version += 1
             self._conns.discard(conn)
             self._cond.notify_all()
 
@@ -449,6 +454,7 @@ class WorkerPool:
         conn.alive = False
         was_active = conn.active
         conn.active = False
+        self._version += 1
         self._release(conn)
         if conn.pending:
             exc = WorkerLostError(f"{conn.origin} {why} during a call")
@@ -581,14 +587,20 @@ class WorkerPool:
 
     def serving(self) -> list[WorkerConn]:
         """The active workers, in env order, if they cover every env; else raise."""
+        cached = self._serving
+        if cached[0] == self._version:  # per step: no scan of the slots unless they changed
+            return cached[1]
         with self._cond:
+            version = self._version
             missing = [i for i, c in enumerate(self._slots) if c is None or not c.active]
             if missing:
                 raise WorkerLostError(
                     f"envs {_ranges(missing)} have no worker ({self._last_event()}); "
                     "call reset() to wait for a replacement"
                 )
-            return self._ordered()
+            workers = self._ordered()
+            self._serving = (version, workers)
+            return workers
 
     def layout(self) -> list[tuple[int, int, WorkerConn | None]]:
         """``(start, stop, worker)`` runs covering every env in order; ``None``
