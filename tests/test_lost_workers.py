@@ -184,3 +184,43 @@ def test_single_env_wait_mode(cli_workers):
         assert env.step(0)[0].tolist() == [1, 1]
     finally:
         env.close()
+
+
+def test_a_worker_refused_as_busy_retries(cli_workers):
+    """While a client that never finishes its handshake holds the free env, a real
+    worker is told "busy" (not "not needed"), retries, and gets in once it is freed."""
+    import asyncio
+    import threading
+
+    import aiohttp
+
+    from ws_gym import codec
+    from ws_gym import protocol as P
+
+    envs = ws_gym.RemoteVectorEnv(1, env_id=COUNTER, port=0, connect_timeout=60)
+    envs._trainer.pool.ready_timeout = 2.0  # how long a welcomed client may hold its slots
+    welcomed, release = threading.Event(), threading.Event()
+
+    async def stuck() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(envs.url) as ws:
+                await ws.send_bytes(codec.encode(P.HELLO, 0, P.make_hello(None, 1, "stuck")))
+                assert codec.decode((await ws.receive(timeout=10)).data).kind == P.WELCOME
+                welcomed.set()
+                while not release.is_set() and not ws.closed:  # never sends ready
+                    await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(stuck()), daemon=True)
+    thread.start()
+    try:
+        assert welcomed.wait(10)
+        proc = cli_workers.start("--url", envs.url, "--env", COUNTER)
+        obs, _ = envs.reset(seed=0)  # the worker got in after the stuck client was dropped
+        assert obs.tolist() == [[0, 0]]
+        assert proc.poll() is None
+    finally:
+        release.set()
+        thread.join(10)
+        envs.close()
+    code, out = cli_workers.finish(proc)
+    assert code == 0 and "busy" in out, out

@@ -31,9 +31,10 @@ class UnsupportedSpaceError(WsGymError, TypeError):
 class HandshakeError(WsGymError):
     """A connection was refused during the handshake; ``reason`` says why."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, retry: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.retry = retry  # the worker may try again later (the trainer is busy)
 
 
 class RemoteEnvError(WsGymError):

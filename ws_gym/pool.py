@@ -296,7 +296,7 @@ class WorkerPool:
             log.warning("worker at %s did not finish its handshake in time", peer)
         except (ProtocolError, HandshakeError) as exc:
             log.warning("worker at %s refused: %s", peer, exc)
-            await self._refuse(ws, str(exc))
+            await self._refuse(ws, str(exc), getattr(exc, "retry", False))
         except (ConnectionError, aiohttp.ClientError) as exc:
             log.debug("connection from %s ended: %r", peer, exc)
         finally:
@@ -324,11 +324,11 @@ class WorkerPool:
             self._busy_rejected = 0
             self._busy_logged_at = now
 
-    async def _refuse(self, ws: web.WebSocketResponse, reason: str) -> None:
+    async def _refuse(self, ws: web.WebSocketResponse, reason: str, retry: bool = False) -> None:
         self._note(reason)
         if not ws.closed:
             try:
-                await ws.send_bytes(codec.encode(P.REFUSE, 0, {"reason": reason}))
+                await ws.send_bytes(codec.encode(P.REFUSE, 0, {"reason": reason, "retry": retry}))
             except (ConnectionError, RuntimeError):
                 pass
 
@@ -347,6 +347,10 @@ class WorkerPool:
                 )
             start, run = self._free_run()
             if run == 0:
+                if any(c is not None and not c.active for c in self._slots):
+                    # held by a worker still starting (or one that never finishes): may free up
+                    raise HandshakeError("busy: the free envs are held by a worker still starting; "
+                                         "retry later", retry=True)
                 raise HandshakeError(
                     f"not needed: all {self.num_envs} envs are served already"
                 )

@@ -195,6 +195,11 @@ def parse_ready(body: Any) -> Ready:
     return Ready(obs, act, render_mode, metadata)
 
 
+def parse_retry(body: Any) -> bool:
+    """Whether a ``refuse`` invites the worker to try again later."""
+    return isinstance(body, dict) and body.get("retry") is True
+
+
 def parse_reason(body: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("reason"), str):
         return body["reason"][:2000]

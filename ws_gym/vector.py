@@ -274,7 +274,7 @@ class RemoteVectorEnv(VectorEnv):
         for w, reply in fresh.items():
             w.fresh = False
             for i, info in reply["f"]:
-                infos = self._add_info(infos, own(info), w.start + i)
+                infos = self._merge(infos, own(info), w.start + i, w.origin)
         self._last = [(w.start, w.stop, fresh[w]["o"] if w in fresh else self._held(w.start, w.stop))
                       for w in workers]
         return join(self._single_obs, [part for _, _, part in self._last]), infos
@@ -297,11 +297,19 @@ class RemoteVectorEnv(VectorEnv):
         replies = iter(self._trainer.wait(self._trainer.submit(items, tolerant=True)))
         infos: dict[str, Any] = {}
         last = []
+        # reset envs (and lost ones asked to reset) have not ended; the others keep their state
+        prev_ended = getattr(self, "_ended", None)
+        if mask is None or prev_ended is None:
+            ended = np.zeros(self.num_envs, dtype=np.bool_)
+        else:
+            ended = prev_ended & ~mask
         for a, b, w, what in plan:
             reply = next(replies) if w is not None else LOST
             if what == "keep":
                 last.append((a, b, self._held(a, b)))
                 continue
+            if reply is not LOST and w.fresh:  # a new worker resets all its envs
+                ended[a:b] = False
             if reply is LOST:
                 held = self._held(a, b)
                 for i in range(a, b):
@@ -312,10 +320,21 @@ class RemoteVectorEnv(VectorEnv):
             check_reply(reply, b - a, self._single_obs, w.origin, step=False)
             w.fresh = False
             for i, info in reply["f"]:
-                infos = self._add_info(infos, own(info), a + i)
+                infos = self._merge(infos, own(info), a + i, w.origin)
             last.append((a, b, reply["o"]))
         self._last = last
+        self._ended = ended
         return join(self._single_obs, [part for _, _, part in last]), infos
+
+    def _merge(self, infos: dict, info: dict, i: int, origin: str) -> dict:
+        """gymnasium's ``_add_info``; a worker's info it cannot merge is a ProtocolError."""
+        try:
+            return self._add_info(infos, info, i)
+        except Exception as exc:  # e.g. a key that is a number for one env, a dict for another
+            raise ProtocolError(
+                f"{origin}: the info of env {i} cannot be merged with the others "
+                f"({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
 
     def _held(self, a: int, b: int) -> Any:
         """The last observations of envs ``a:b`` (a batch), from the previous results."""
@@ -358,8 +377,14 @@ class RemoteVectorEnv(VectorEnv):
         self._trainer.check_local()  # restart crashed local workers now, not at the next reset
         plan, items = [], []
         space = self._single_act
+        # Which envs' last step ended their episode: only those may be taken over by a
+        # reset at once. Without SAME_STEP's final_obs an episode not ended yet (its
+        # worker was lost between two steps) must first end as truncated (worker_lost),
+        # else its last obs and the new worker's first obs would look like one transition.
+        ended = getattr(self, "_ended", None)
+        wait_end = self.autoreset_mode is not AutoresetMode.SAME_STEP
         for a, b, w in self._trainer.pool.layout():
-            if w is None:
+            if w is None or (w.fresh and wait_end and (ended is None or not ended[a:b].all())):
                 plan.append((a, b, None, "lost"))
             elif w.fresh:
                 items.append((w, P.RESET, {"seeds": [None] * (b - a), "options": None}))
@@ -388,7 +413,7 @@ class RemoteVectorEnv(VectorEnv):
         for w, reply in zip(workers, replies):
             if reply["f"]:
                 for i, info in reply["f"]:
-                    infos = self._add_info(infos, own(info), w.start + i)
+                    infos = self._merge(infos, own(info), w.start + i, w.origin)
         self._last = [(w.start, w.stop, r["o"]) for w, r in zip(workers, replies)]
         if len(replies) == 1:
             r = replies[0]
@@ -417,7 +442,7 @@ class RemoteVectorEnv(VectorEnv):
             if what == "step" and reply is not LOST:
                 o, r, t, u = reply["o"], reply["r"], reply["t"], reply["u"]
                 for i, info in reply["f"]:
-                    infos = self._add_info(infos, own(info), a + i)
+                    infos = self._merge(infos, own(info), a + i, w.origin)
             else:
                 held = self._held(a, b)
                 r, t = np.zeros(n), np.zeros(n, dtype=np.bool_)
@@ -437,14 +462,16 @@ class RemoteVectorEnv(VectorEnv):
                         if same_step:  # the step that ends the lost episode brings the reset
                             info.update(final_obs=item(space, held, i), final_info={LOST_KEY: True})
                         if info:
-                            infos = self._add_info(infos, info, a + i)
+                            infos = self._merge(infos, info, a + i, w.origin)
             obs.append(o)
             rew.append(r)
             term.append(t)
             trunc.append(u)
             last.append((a, b, o))
         self._last = last
-        return join(space, obs), np.concatenate(rew), np.concatenate(term), np.concatenate(trunc), infos
+        term, trunc = np.concatenate(term), np.concatenate(trunc)
+        self._ended = term | trunc
+        return join(space, obs), np.concatenate(rew), term, trunc, infos
 
     def render(self) -> tuple[Any, ...] | None:
         """A tuple with one frame per env, as ``SyncVectorEnv.render``."""

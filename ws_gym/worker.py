@@ -174,8 +174,10 @@ class Worker:
                             log.info("the trainer closed the session; exiting")
                             return EXIT_OK
                         except HandshakeError as exc:
-                            log.error("refused by the trainer: %s", exc.reason)
-                            return EXIT_REFUSED
+                            if not exc.retry:
+                                log.error("refused by the trainer: %s", exc.reason)
+                                return EXIT_REFUSED
+                            log.warning("the trainer is busy (%s); retrying", exc.reason)
                         except ProtocolError as exc:
                             log.error("the trainer broke the protocol: %s", exc)
                             return EXIT_REFUSED
@@ -234,7 +236,7 @@ class Worker:
         await ws.send_bytes(codec.encode(P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name)))
         msg = await receive_message(ws, 60, "during the handshake")
         if msg.kind == P.REFUSE:
-            raise HandshakeError(P.parse_reason(msg.body))
+            raise HandshakeError(P.parse_reason(msg.body), retry=P.parse_retry(msg.body))
         if msg.kind != P.WELCOME:
             raise ProtocolError(f"expected welcome, got {msg.kind!r}")
         welcome = P.parse_welcome(codec.writable(msg.body))
@@ -253,7 +255,7 @@ class Worker:
         await ws.send_bytes(codec.encode(P.READY, 0, self.host.ready_body()))
         msg = await receive_message(ws, 60, "during the handshake")
         if msg.kind == P.REFUSE:
-            raise HandshakeError(P.parse_reason(msg.body))
+            raise HandshakeError(P.parse_reason(msg.body), retry=P.parse_retry(msg.body))
         if msg.kind != P.ACCEPT:
             raise ProtocolError(f"expected accept, got {msg.kind!r}")
         self._delays_reset = True
