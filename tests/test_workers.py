@@ -440,3 +440,20 @@ def test_exit_without_close_is_prompt_and_polite():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_call_and_set_attr_reach_only_public_attributes():
+    envs = ws_gym.RemoteVectorEnv(2, env_id="CartPole-v1", port=0, local_workers=1)
+    try:
+        envs.reset(seed=0)
+        for name in ("__class__", "__init__", "_np_random", "__dict__"):
+            with pytest.raises(ws_gym.RemoteEnvError, match="private attribute") as err:
+                envs.call(name)
+            assert err.value.remote_type == "PermissionError"
+        with pytest.raises(ws_gym.RemoteEnvError, match="private attribute"):
+            envs.set_attr("_elapsed_steps", 0)
+        assert envs.call("__str__")[0].startswith("<TimeLimit")  # harmless dunders stay
+        assert envs.get_attr("gravity") == (9.8, 9.8)
+        envs.step(np.zeros(2, dtype=np.int64))  # and the worker keeps serving
+    finally:
+        envs.close()

@@ -294,6 +294,9 @@ def _jsonable_metadata(metadata: dict) -> dict:
     return out
 
 
+PUBLIC_DUNDERS = frozenset({"__str__", "__repr__"})  # what `call` may name despite the underscore
+
+
 class EnvHost:
     """Creates the envs a welcome asks for and answers requests for them."""
 
@@ -463,6 +466,9 @@ class EnvHost:
             raise ProtocolError("call: needs a name, a list of args and an object of kwargs")
         if not all(isinstance(k, str) for k in kwargs):
             raise ProtocolError("call: kwargs keys must be strings")
+        if name.startswith("_") and name not in PUBLIC_DUNDERS:
+            # the env's public API only: no __init__, __class__, __dict__ or private state
+            raise PermissionError(f"a worker does not give access to private attribute {name[:100]!r}")
         return name, args, kwargs
 
     def _call(self, body: dict) -> Any:
