@@ -78,3 +78,46 @@ def test_close_with_a_pending_step():
     assert envs.closed
     procs = envs._trainer.local.procs
     assert all(p.poll() is not None for p in procs)
+
+
+def test_call_at_set_attr_at_and_env_infos(pair):
+    """Single envs by index (SB3's env_method/set_attr with indices), and the
+    per-env infos exactly as each env returned them."""
+    remote, ref = pair
+    remote.reset(seed=0)
+    remote.set_attr_at([3, 0], "gravity", [1.5, 2.5])
+    assert remote.get_attr("gravity") == (2.5, 9.8, 9.8, 1.5)
+    assert remote.call_at([2, 1, 3], "__str__")[2].startswith("<TimeLimit")
+    assert remote.call_at([3], "get_wrapper_attr", "gravity") == (1.5,)
+    with pytest.raises(IndexError):
+        remote.call_at([4], "gravity")
+    remote.set_attr("gravity", 9.8)
+
+
+def test_env_infos_are_each_envs_own():
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=4, env_id="CartPole-v1", port=0, local_workers=2,
+                        autoreset_mode="SameStep", max_episode_steps=15)
+    ref = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync", max_episode_steps=15,
+                       vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    try:
+        envs.reset(seed=0)
+        ref.reset(seed=0)
+        rng = np.random.default_rng(1)
+        ends = 0
+        for _ in range(60):
+            a = rng.integers(0, 2, 4)
+            _, _, term, trunc, infos = envs.step(a)
+            want = ref.step(a)[4]
+            per_env = envs.env_infos()
+            assert len(per_env) == 4
+            for i in range(4):
+                done = bool(term[i] or trunc[i])
+                assert done == ("final_obs" in per_env[i])
+                if done:
+                    assert_same(per_env[i]["final_obs"], want["final_obs"][i], "final_obs")
+                    assert per_env[i]["final_info"] == {}
+            ends += int((term | trunc).sum())
+        assert ends > 0
+    finally:
+        envs.close()
+        ref.close()

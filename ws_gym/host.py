@@ -471,12 +471,32 @@ class EnvHost:
             raise PermissionError(f"a worker does not give access to private attribute {name[:100]!r}")
         return name, args, kwargs
 
+    def _indices(self, body: dict) -> list[int] | None:
+        """Optional ``indices``: some of this worker's envs only (gymnasium's vector
+        envs reach all of them at once; SB3 asks for single envs)."""
+        indices = body.get("indices")
+        if indices is None:
+            return None
+        n = self.venv.num_envs
+        if not (isinstance(indices, list) and all(type(i) is int and 0 <= i < n for i in indices)):
+            raise ProtocolError(f"indices must be a list of env indices below {n}")
+        if not hasattr(self.venv, "envs"):
+            raise NotImplementedError("indices need --vectorization sync: the envs are in subprocesses")
+        return indices
+
     def _call(self, body: dict) -> Any:
         name, args, kwargs = self._name_args(body)
         if self.single:
             attr = self.env.get_wrapper_attr(name)
             return attr(*args, **kwargs) if callable(attr) else attr
-        return list(self.venv.call(name, *args, **kwargs))
+        indices = self._indices(body)
+        if indices is None:
+            return list(self.venv.call(name, *args, **kwargs))
+        results = []
+        for i in indices:  # as SyncVectorEnv.call, for the chosen envs
+            attr = self.venv.envs[i].get_wrapper_attr(name)
+            results.append(attr(*args, **kwargs) if callable(attr) else attr)
+        return results
 
     def _set_attr(self, body: dict) -> None:
         name, values, _ = self._name_args({"name": body.get("name"), "args": body.get("values")})
@@ -484,10 +504,16 @@ class EnvHost:
             if len(values) != 1:
                 raise ProtocolError("set_attr: expected one value")
             self.env.set_wrapper_attr(name, values[0])
-        else:
-            if len(values) != self.venv.num_envs:
-                raise ProtocolError(f"set_attr: expected {self.venv.num_envs} values")
+            return None
+        indices = self._indices(body)
+        want = self.venv.num_envs if indices is None else len(indices)
+        if len(values) != want:
+            raise ProtocolError(f"set_attr: expected {want} values")
+        if indices is None:
             self.venv.set_attr(name, values)
+        else:
+            for i, value in zip(indices, values):
+                self.venv.envs[i].set_wrapper_attr(name, value)
         return None
 
     def _close(self, body: dict) -> None:

@@ -187,6 +187,7 @@ class RemoteVectorEnv(VectorEnv):
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
         self._last: list[tuple[int, int, Any]] = []  # (start, stop, obs batch): the latest observations
+        self._raw_infos: list[tuple[int, list]] = []  # (first env, info log): the latest, unmerged
         self._pending: tuple[Any, Any, Any] | None = None  # a step_async awaiting step_wait
         self._single_obs = self._single_act = self._obs = self._act = None
         self._render_mode = render_mode
@@ -277,6 +278,7 @@ class RemoteVectorEnv(VectorEnv):
                 infos = self._merge(infos, own(info), w.start + i, w.origin)
         self._last = [(w.start, w.stop, fresh[w]["o"] if w in fresh else self._held(w.start, w.stop))
                       for w in workers]
+        self._raw_infos = [(w.start, r["f"]) for w, r in fresh.items()]
         return join(self._single_obs, [part for _, _, part in self._last]), infos
 
     def _reset_around_holes(self, seeds: list, options: dict | None, mask: np.ndarray | None) -> tuple[Any, dict]:
@@ -284,6 +286,10 @@ class RemoteVectorEnv(VectorEnv):
         their last observation and say so in ``infos["worker_lost"]``."""
         plan, items = [], []
         for a, b, w in self._trainer.pool.layout():
+            if w is not None and w.fresh and mask is not None and not mask[a:b].all():
+                # A new worker resets all its envs, but some were not asked to: reset()
+                # leaves those alone, so the worker takes them over at a later step.
+                w = None
             if w is not None:
                 body: dict[str, Any] = {"seeds": seeds[a:b], "options": options}
                 if mask is not None and not w.fresh:
@@ -296,7 +302,7 @@ class RemoteVectorEnv(VectorEnv):
             plan.append((a, b, w, "reset" if w is not None else "lost"))
         replies = iter(self._trainer.wait(self._trainer.submit(items, tolerant=True)))
         infos: dict[str, Any] = {}
-        last = []
+        last, raw = [], []
         # reset envs (and lost ones asked to reset) have not ended; the others keep their state
         prev_ended = getattr(self, "_ended", None)
         if mask is None or prev_ended is None:
@@ -315,14 +321,17 @@ class RemoteVectorEnv(VectorEnv):
                 for i in range(a, b):
                     if mask is None or mask[i]:
                         infos = self._add_info(infos, {LOST_KEY: True}, i)
+                        raw.append((i, [[0, {LOST_KEY: True}]]))
                 last.append((a, b, held))
                 continue
             check_reply(reply, b - a, self._single_obs, w.origin, step=False)
             w.fresh = False
             for i, info in reply["f"]:
                 infos = self._merge(infos, own(info), a + i, w.origin)
+            raw.append((a, reply["f"]))
             last.append((a, b, reply["o"]))
         self._last = last
+        self._raw_infos = raw
         self._ended = ended
         return join(self._single_obs, [part for _, _, part in last]), infos
 
@@ -415,6 +424,7 @@ class RemoteVectorEnv(VectorEnv):
                 for i, info in reply["f"]:
                     infos = self._merge(infos, own(info), w.start + i, w.origin)
         self._last = [(w.start, w.stop, r["o"]) for w, r in zip(workers, replies)]
+        self._raw_infos = [(w.start, r["f"]) for w, r in zip(workers, replies)]
         if len(replies) == 1:
             r = replies[0]
             return join(space, [r["o"]]), r["r"].copy(), r["t"].copy(), r["u"].copy(), infos
@@ -433,7 +443,7 @@ class RemoteVectorEnv(VectorEnv):
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         replies = iter(replies)
         infos: dict[str, Any] = {}
-        obs, rew, term, trunc, last = [], [], [], [], []
+        obs, rew, term, trunc, last, raw = [], [], [], [], [], []
         for a, b, w, what in plan:
             n = b - a
             reply = next(replies) if w is not None else LOST
@@ -443,6 +453,7 @@ class RemoteVectorEnv(VectorEnv):
                 o, r, t, u = reply["o"], reply["r"], reply["t"], reply["u"]
                 for i, info in reply["f"]:
                     infos = self._merge(infos, own(info), a + i, w.origin)
+                raw.append((a, reply["f"]))
             else:
                 held = self._held(a, b)
                 r, t = np.zeros(n), np.zeros(n, dtype=np.bool_)
@@ -453,6 +464,7 @@ class RemoteVectorEnv(VectorEnv):
                         if same_step:
                             info.update(final_obs=item(space, held, i), final_info={LOST_KEY: True})
                         infos = self._add_info(infos, info, a + i)
+                        raw.append((a + i, [[0, info]]))
                 else:  # a new worker took these envs over: their first observation
                     w.fresh = False
                     o, u = reply["o"], np.full(n, same_step)
@@ -463,30 +475,78 @@ class RemoteVectorEnv(VectorEnv):
                             info.update(final_obs=item(space, held, i), final_info={LOST_KEY: True})
                         if info:
                             infos = self._merge(infos, info, a + i, w.origin)
+                            raw.append((a + i, [[0, info]]))
             obs.append(o)
             rew.append(r)
             term.append(t)
             trunc.append(u)
             last.append((a, b, o))
         self._last = last
+        self._raw_infos = raw
         term, trunc = np.concatenate(term), np.concatenate(trunc)
         self._ended = term | trunc
         return join(space, obs), np.concatenate(rew), term, trunc, infos
 
+    def _workers(self) -> list:
+        """The workers for render/call/get_attr/set_attr; before the first reset
+        they are waited for, so these answer at once as gymnasium's vector envs do."""
+        self._check_idle()
+        if not self._last:
+            self._trainer.wait_workers()
+        return self._trainer.pool.serving()
+
     def render(self) -> tuple[Any, ...] | None:
         """A tuple with one frame per env, as ``SyncVectorEnv.render``."""
-        self._check_idle()
-        workers = self._trainer.pool.serving()
+        workers = self._workers()
         replies = self._trainer.request([(w, P.RENDER, {}) for w in workers])
         return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         """Call (or read) ``name`` on every env; a tuple of results in env order."""
-        self._check_idle()
-        workers = self._trainer.pool.serving()
+        workers = self._workers()
         body = {"name": name, "args": list(args), "kwargs": kwargs}
         replies = self._trainer.request([(w, P.CALL, body) for w in workers])
         return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
+
+    def call_at(self, indices: Sequence[int], name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call (or read) ``name`` on the envs ``indices`` only; results in that order.
+
+        For callers that address single envs (SB3's ``env_method(indices=...)``).
+        """
+        groups = self._group(indices)
+        items = [(w, P.CALL, {"name": name, "args": list(args), "kwargs": kwargs,
+                              "indices": [i - w.start for i in idx]}) for w, idx in groups]
+        replies = self._trainer.request(items)
+        found = {}
+        for (w, idx), r in zip(groups, replies):
+            found.update(zip(idx, check_list(r, len(idx), w.origin)))
+        return tuple(own(found[i]) for i in indices)
+
+    def set_attr_at(self, indices: Sequence[int], name: str, values: Sequence[Any]) -> None:
+        """Set ``name`` on the envs ``indices`` only, one value each."""
+        if len(values) != len(indices):
+            raise ValueError(f"expected {len(indices)} values, got {len(values)}")
+        value_of = dict(zip(indices, values))
+        groups = self._group(indices)
+        self._trainer.request([(w, P.SET_ATTR, {"name": name, "values": [value_of[i] for i in idx],
+                                                "indices": [i - w.start for i in idx]}) for w, idx in groups])
+
+    def _group(self, indices: Sequence[int]) -> list[tuple[Any, list[int]]]:
+        """``indices`` grouped by the worker that hosts them (each index once)."""
+        wanted = sorted({int(i) for i in indices})
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < self.num_envs:
+            raise IndexError(f"env indices must be in 0..{self.num_envs - 1}, got {list(indices)}")
+        return [(w, [i for i in wanted if w.start <= i < w.stop]) for w in self._workers()
+                if any(w.start <= i < w.stop for i in wanted)]
+
+    def env_infos(self) -> list[dict[str, Any]]:
+        """The last reset's or step's infos, one dict per env as each env returned
+        it (before gymnasium batches them, which may change a value's type)."""
+        out: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        for start, log in self._raw_infos:
+            for i, info in log:
+                out[start + i] = own(info)
+        return out
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         """The attribute ``name`` of every env."""
@@ -494,7 +554,6 @@ class RemoteVectorEnv(VectorEnv):
 
     def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
         """Set ``name`` on every env: one value for all, or one value per env."""
-        self._check_idle()
         if not isinstance(values, (list, tuple)):
             values = [values for _ in range(self.num_envs)]
         if len(values) != self.num_envs:
@@ -502,7 +561,7 @@ class RemoteVectorEnv(VectorEnv):
                 "Values must be a list or tuple with length equal to the number of environments. "
                 f"Got `{len(values)}` values for {self.num_envs} environments."
             )
-        workers = self._trainer.pool.serving()
+        workers = self._workers()
         self._trainer.request(
             [(w, P.SET_ATTR, {"name": name, "values": list(values[w.start : w.stop])}) for w in workers]
         )

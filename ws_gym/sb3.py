@@ -1,0 +1,330 @@
+"""Stable-Baselines3 on a gymnasium 1.x VectorEnv, ws_gym's remote one included.
+
+SB3 has its own ``VecEnv`` API and refuses gymnasium's ``VectorEnv``.
+:class:`SB3VecEnv` adapts one that runs in SAME_STEP autoreset mode, where an
+env that ends is reset inside that step, as SB3 expects. Gymnasium's batched
+infos become SB3's per-env info dicts, with ``terminal_observation`` and
+``TimeLimit.truncated`` set exactly as ``DummyVecEnv`` sets them::
+
+    from ws_gym.sb3 import make_vec_env
+    model = PPO("MlpPolicy", make_vec_env("CartPole-v1", 8, local_workers=2))
+
+It needs the ``sb3`` extra (``pip install ws_gym[sb3]``); ``import ws_gym``
+does not import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, VectorEnv
+
+try:
+    from stable_baselines3.common.env_util import is_wrapped
+    from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+    from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "ws_gym.sb3 needs Stable-Baselines3 and torch: pip install 'ws_gym[sb3]'"
+    ) from exc
+
+from .errors import RemoteEnvError
+from .vector import RemoteVectorEnv
+
+__all__ = ["SB3VecEnv", "make_vec_env"]
+
+_FINAL_KEYS = ("final_obs", "_final_obs", "final_info", "_final_info")
+
+# VectorEnvs whose own step_async/step_wait send the actions at once (exact types:
+# a gymnasium VectorWrapper would forward those calls past its own step)
+_ASYNC = (AsyncVectorEnv, RemoteVectorEnv)
+_SENT = object()
+
+# dtypes that gymnasium's ``_add_info`` gives python bool, int and float values:
+# their entries go back to python scalars, as the env returned them.
+_PYTHON_SCALARS = {np.dtype(bool), np.dtype(int), np.dtype(float)}
+
+
+class SB3VecEnv(VecEnv):
+    """An SB3 ``VecEnv`` over a gymnasium ``VectorEnv`` in SAME_STEP autoreset mode.
+
+    Results (observations, float32 rewards, dones, per-env infos, reset infos)
+    equal those of ``DummyVecEnv`` over the same envs, seeds and actions.
+    """
+
+    def __init__(self, vector_env: VectorEnv) -> None:
+        mode = vector_env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+        if not isinstance(mode, AutoresetMode):
+            mode = AutoresetMode(mode)
+        if mode is not AutoresetMode.SAME_STEP:
+            raise ValueError(
+                f"SB3VecEnv needs a VectorEnv in SAME_STEP autoreset mode, as SB3 resets an env in the "
+                f"step that ends it; this one is in {mode.name} mode. Make it with "
+                "autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP: "
+                'gym.make_vec("ws_gym/Remote-v0", ..., autoreset_mode=AutoresetMode.SAME_STEP), or '
+                'gym.make_vec(env_id, n, vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})'
+            )
+        self.venv = vector_env
+        self._actions: Any = None
+        # SB3 reads render_mode while constructing; the VectorEnv knows it (a remote
+        # one even before its workers connect, which is only awaited by reset()).
+        self._starting = True
+        super().__init__(vector_env.num_envs, vector_env.single_observation_space, vector_env.single_action_space)
+        self._starting = False
+        self.metadata = dict(vector_env.metadata)  # as DummyVecEnv: the envs' metadata
+
+    # -- stepping ------------------------------------------------------------
+
+    def reset(self) -> VecEnvObs:
+        """Reset every env with the seeds and options set since the last reset."""
+        n = self.num_envs
+        seeds = None if all(s is None for s in self._seeds) else list(self._seeds)
+        groups = _group_options(self._options)
+        if len(groups) == 1:
+            obs, infos = self.venv.reset(seed=seeds, options=groups[0][0])
+            self.reset_infos = _unbatch(infos, n)
+        else:  # a VectorEnv takes one options dict: one masked reset per distinct options
+            for options, mask in groups:
+                obs, infos = self.venv.reset(seed=seeds, options={**(options or {}), "reset_mask": mask})
+                per_env = _unbatch(infos, n)
+                for i in np.flatnonzero(mask):
+                    self.reset_infos[i] = per_env[i]
+        self._reset_seeds()
+        self._reset_options()
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Send the actions now where the VectorEnv steps asynchronously (remote, async)."""
+        if isinstance(self.venv, _ASYNC):
+            self.venv.step_async(actions)
+            self._actions = _SENT
+        else:
+            self._actions = actions
+
+    def step_wait(self) -> VecEnvStepReturn:
+        """Step every env; an env that ended is reset in this step, as in DummyVecEnv."""
+        actions, self._actions = self._actions, None
+        if actions is _SENT:
+            obs, rewards, terminated, truncated, infos = self.venv.step_wait()
+        else:
+            obs, rewards, terminated, truncated, infos = self.venv.step(actions)
+        n = self.num_envs
+        final_obs = infos.get("final_obs")
+        final_infos = _unbatch(infos.get("final_info", {}), n)
+        infos = _unbatch({k: v for k, v in infos.items() if k not in _FINAL_KEYS}, n)
+        dones = np.logical_or(terminated, truncated)
+        out = []
+        for i in range(n):
+            if dones[i]:
+                info = final_infos[i]  # the info of the step that ended; infos[i] is the reset's
+                self.reset_infos[i] = infos[i]
+            else:
+                info = infos[i]
+            info["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+            if dones[i]:
+                info["terminal_observation"] = final_obs[i]
+            out.append(info)
+        return obs, np.asarray(rewards, dtype=np.float32), dones, out
+
+    def close(self) -> None:
+        self.venv.close()
+
+    # -- rendering -----------------------------------------------------------
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        if self.render_mode != "rgb_array":
+            warnings.warn(
+                f"The render mode is {self.render_mode}, but this method assumes it is `rgb_array` to obtain images."
+            )
+            return [None] * self.num_envs
+        self._await_workers()
+        return list(self.venv.render())
+
+    # -- attributes and methods of the envs ----------------------------------
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        """``env.get_wrapper_attr(attr_name)`` of the chosen envs."""
+        if self._starting and attr_name == "render_mode":
+            return [self.venv.render_mode] * self.num_envs
+        self._await_workers()
+        with _attribute_errors():
+            values = self.venv.get_attr(attr_name)
+        return [values[i] for i in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        """Set ``attr_name`` to ``value`` on the chosen envs (``env.set_wrapper_attr``)."""
+        indices = list(self._get_indices(indices))
+        if self._all(indices):
+            self._await_workers()
+            self.venv.set_attr(attr_name, [value] * self.num_envs)
+            return
+        for env in self._envs_at(indices, "set an attribute on"):
+            env.set_wrapper_attr(attr_name, value)
+
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+        """Call ``method_name`` on the chosen envs; their results in ``indices`` order."""
+        indices = list(self._get_indices(indices))
+        if self._all(indices):
+            self._await_workers()
+            with _attribute_errors():
+                results = self.venv.call(method_name, *method_args, **method_kwargs)
+            return [results[i] for i in indices]
+        envs = self._envs_at(indices, "call a method of")
+        return [env.get_wrapper_attr(method_name)(*method_args, **method_kwargs) for env in envs]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        """Whether each chosen env is wrapped in ``wrapper_class`` (or a subclass).
+
+        Classes do not cross the wire, so remote envs are asked for ``str(env)``,
+        which names the wrapper chain (``<TimeLimit<OrderEnforcing<...>>>``), and
+        a wrapper matches by class name.
+        """
+        indices = list(self._get_indices(indices))
+        envs = getattr(self.venv.unwrapped, "envs", None)
+        if envs is not None:  # in this process: check the objects, as DummyVecEnv does
+            return [is_wrapped(envs[i], wrapper_class) for i in indices]
+        names = _class_names(wrapper_class)
+        self._await_workers()
+        texts = self.venv.call("__str__")
+        return [not names.isdisjoint(wrapper_names(texts[i])) for i in indices]
+
+    def _await_workers(self) -> None:
+        """Let a RemoteVectorEnv's workers connect: only its reset() waits for them,
+        and SB3 asks the envs before resetting them (``VecMonitor`` does)."""
+        remote = self.venv.unwrapped
+        if isinstance(remote, RemoteVectorEnv):
+            remote._trainer.wait_workers()
+
+    def _all(self, indices: list[int]) -> bool:
+        return sorted(indices) == list(range(self.num_envs))
+
+    def _envs_at(self, indices: list[int], what: str) -> list[gym.Env]:
+        """The chosen envs themselves, where the VectorEnv has them in this process."""
+        envs = getattr(self.venv.unwrapped, "envs", None)
+        if envs is None:
+            raise NotImplementedError(
+                f"{type(self.venv.unwrapped).__name__} can only {what} all of its envs at once; "
+                f"indices={indices} needs access to single envs, which gymnasium's SyncVectorEnv "
+                "gives. Use indices=None."
+            )
+        return [envs[i] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"SB3VecEnv({self.venv!r})"
+
+
+def make_vec_env(env_id: str, n_envs: int = 1, seed: int | None = None, **remote_kwargs: Any) -> VecMonitor:
+    """Like SB3's ``make_vec_env``, with the envs in ws_gym workers.
+
+    ``remote_kwargs`` go to :class:`~ws_gym.RemoteVectorEnv` (``local_workers``,
+    ``port``, ``token``, ``env_kwargs``, ...). The result is SAME_STEP mode and
+    wrapped in ``VecMonitor``, so SB3 logs episode returns and lengths.
+    """
+    remote_kwargs.setdefault("autoreset_mode", AutoresetMode.SAME_STEP)
+    remote = RemoteVectorEnv(num_envs=n_envs, env_id=env_id, **remote_kwargs)
+    try:
+        venv = SB3VecEnv(remote)
+    except BaseException:
+        remote.close()
+        raise
+    if seed is not None:
+        venv.seed(seed)
+    return VecMonitor(venv)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _unbatch(infos: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Gymnasium's batched infos (``k`` with mask ``_k``) as one dict per env.
+
+    Like gymnasium's ``DictInfoToList``, but a key may itself start with ``_``
+    (only ``_k`` next to ``k`` is a mask), and python scalars come back as such.
+    """
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, values in infos.items():
+        if key.startswith("_") and key[1:] in infos:
+            continue
+        mask = infos.get(f"_{key}")
+        chosen = range(n) if mask is None else np.flatnonzero(mask)
+        if isinstance(values, dict):
+            nested = _unbatch(values, n)
+            for i in chosen:
+                out[i][key] = nested[i]
+        else:
+            scalar = isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype in _PYTHON_SCALARS
+            for i in chosen:
+                out[i][key] = values[i].item() if scalar else values[i]
+    return out
+
+
+def _group_options(options: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, np.ndarray]]:
+    """Envs with equal reset options, as ``(options or None, mask)`` pairs."""
+    groups: list[tuple[dict[str, Any] | None, np.ndarray]] = []
+    for i, opts in enumerate(options):
+        opts = opts or None
+        for known, mask in groups:
+            if _equal(known, opts):
+                mask[i] = True
+                break
+        else:
+            mask = np.zeros(len(options), dtype=np.bool_)
+            mask[i] = True
+            groups.append((opts, mask))
+    return groups
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. arrays inside: treat as different (one more reset)
+        return a is b
+
+
+_LEVEL = re.compile(r"<([A-Za-z_]\w*)(?=<)")
+_ENV_WITH_ID = re.compile(r"<[\w:./-]+>+")
+
+
+def wrapper_names(text: str) -> list[str]:
+    """The wrapper class names in ``str(env)``, outermost first.
+
+    A wrapper prints ``<Name`` + ``str(inner)`` + ``>``; the env itself prints
+    ``<Class<env-id>>`` or ``<Class instance>``, and is not a wrapper.
+    """
+    names = []
+    while (m := _LEVEL.match(text)) is not None:
+        rest = text[m.end() :]
+        if _ENV_WITH_ID.fullmatch(rest):
+            break
+        names.append(m.group(1))
+        text = rest
+    return names
+
+
+def _class_names(cls: type) -> set[str]:
+    """Names of ``cls`` and of its subclasses known here (``isinstance`` by name)."""
+    seen: set[type] = set()
+    todo = [cls]
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo.extend(type.__subclasses__(c) if isinstance(c, type) else ())
+    return {c.__name__ for c in seen}
+
+
+@contextlib.contextmanager
+def _attribute_errors() -> Iterator[None]:
+    """A remote ``AttributeError`` raised as one, so SB3's ``has_attr`` works."""
+    try:
+        yield
+    except RemoteEnvError as exc:
+        if exc.remote_type == "AttributeError":
+            raise AttributeError(str(exc)) from exc
+        raise
