@@ -754,6 +754,7 @@ class WorkerPool:
     async def _shutdown(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)  # let it end before the loop stops
         for conn in list(self._conns):
             if not conn.ws.closed:
                 await conn.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"trainer closing")
