@@ -106,6 +106,77 @@ def test_remote_equals_dummy_vec_env(env_id):
         assert ends > 0, "the test must cross terminations"
 
 
+def test_frozen_lake_infos_exact():
+    """Each env's infos as it returned them: FrozenLake's ``prob`` is an int 1 in a
+    reset info and a float in a step info. Gymnasium batches a key into one array
+    typed by the first env that sets it, so an env's 0.333 next to another's reset
+    1 would become 0; SB3VecEnv over a RemoteVectorEnv reads each env's own."""
+    n, steps = 4, 300
+    kwargs = {"is_slippery": True, "max_episode_steps": 12}
+    a = SB3VecEnv(remote("FrozenLake-v1", n, env_kwargs={"is_slippery": True}, max_episode_steps=12))
+    b = dummy("FrozenLake-v1", n, **kwargs)
+    try:
+        assert a.seed(3) == b.seed(3)
+        assert_same(a.reset(), b.reset(), "reset")
+        assert_same(a.reset_infos, b.reset_infos, "reset infos")
+        assert type(b.reset_infos[0]["prob"]) is int
+        rng = np.random.default_rng(0)
+        ends = truncs = mixed = 0
+        for t in range(steps):
+            actions = rng.integers(0, 4, n)
+            got, want = a.step(actions), b.step(actions)
+            assert_same(got, want, f"step {t}")
+            assert_same(a.reset_infos, b.reset_infos, f"reset infos after step {t}")
+            dones = want[2]
+            for info in want[3]:
+                truncs += info["TimeLimit.truncated"]
+            ends += int(dones.sum())
+            # a done env before a running one: batching would give the running
+            # env's float prob the int type of the done env's reset prob
+            first = np.flatnonzero(dones)
+            mixed += bool(first.size and (~dones[first[0]:]).any())
+        assert ends >= 50 and truncs >= 5 and mixed >= 10, (ends, truncs, mixed)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_remote_env_infos_of_an_env_that_ended():
+    """What SB3VecEnv reads from RemoteVectorEnv.env_infos() after a SAME_STEP
+    episode end: ``final_obs`` and ``final_info`` (the ended step's info) plus the
+    reset info's own keys, as the env_info SyncVectorEnv merges for that env."""
+    v = remote("FrozenLake-v1", 2, workers=1, env_kwargs={"is_slippery": True}, max_episode_steps=3)
+    try:
+        v.reset(seed=0)
+        for _ in range(3):
+            _, _, term, trunc, _ = v.step(np.array([0, 0]))
+        assert (term | trunc).all()  # no earlier end: a hole is 3 steps away at least
+        infos = v.unwrapped.env_infos()
+        for i in np.flatnonzero(term | trunc):
+            assert set(infos[i]) == {"final_obs", "final_info", "prob"}, infos[i]
+            assert type(infos[i]["prob"]) is int and type(infos[i]["final_info"]["prob"]) is float
+            assert type(infos[i]["final_obs"]) is int
+    finally:
+        v.close()
+
+
+def test_wrapped_remote_env_equals_dummy_vec_env():
+    """Inside a gymnasium vector wrapper the batched infos are split per env (the
+    wrapper may change them); single envs are still reached by index."""
+    n, max_steps, options = CASES["Taxi-v4"]
+    a = SB3VecEnv(gym.vector.VectorWrapper(remote("Taxi-v4", n, max_episode_steps=max_steps)))
+    b = dummy("Taxi-v4", n, max_episode_steps=max_steps)
+    try:
+        _, truncs = run_side_by_side(a, b, n, options, steps=40)
+        assert truncs > 0
+        a.set_attr("lastaction", 3, indices=[2])
+        assert a.get_attr("lastaction", [2, 0])[0] == 3
+        assert a.env_method("get_wrapper_attr", "lastaction", indices=[2]) == [3]
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_gymnasium_vector_envs_equal_dummy_vec_env(mode):
     n, max_steps, options = CASES["CartPole-v1"]
@@ -164,15 +235,15 @@ def test_attributes_methods_and_wrappers():
         for venv in (a, b):
             venv.set_attr("length", 0.75)
             assert venv.get_attr("length") == [0.75] * n
-            venv.set_attr("length", 0.25, indices=[3, 2, 1, 0])  # every env: allowed
+            venv.set_attr("length", 0.25, indices=[3, 2, 1, 0])  # every env
             assert venv.get_attr("length", [0, 3]) == [0.25, 0.25]
             assert venv.has_attr("length") and not venv.has_attr("no_such_attribute")
         with pytest.raises(AttributeError, match="no_such_attribute"):
             a.get_attr("no_such_attribute")
-        with pytest.raises(NotImplementedError, match="indices=None"):
-            a.set_attr("length", 1.0, indices=[1])
-        with pytest.raises(NotImplementedError, match="indices=None"):
-            a.env_method("reset", indices=1)
+        with pytest.raises(AttributeError, match="no_such_method"):
+            a.env_method("no_such_method", indices=[1])
+        with pytest.raises(AttributeError, match="no_such_attribute"):
+            a.get_attr("no_such_attribute", indices=[3])
         wrappers = [gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gym.wrappers.PassiveEnvChecker,
                     gym.Wrapper, gym.wrappers.RecordEpisodeStatistics, Monitor, VecMonitor]
         for cls in wrappers:
@@ -185,6 +256,56 @@ def test_attributes_methods_and_wrappers():
         b.close()
 
 
+def test_single_envs_of_remote_workers():
+    """Subsets of envs (indices) over 2 workers: only the chosen envs are reached,
+    results in ``indices`` order, as DummyVecEnv (SB3's HER calls
+    ``env_method("compute_reward", ..., indices=[0])``)."""
+    n = 4
+    a = SB3VecEnv(remote("CartPole-v1", n, max_episode_steps=30))
+    b = dummy("CartPole-v1", n, max_episode_steps=30)
+    try:
+        a.seed(0), b.seed(0)
+        a.reset(), b.reset()
+        for venv in (a, b):
+            venv.set_attr("length", 0.9, indices=[2, 0])  # one env of each worker
+            assert venv.get_attr("length") == [0.9, 0.5, 0.9, 0.5]
+            venv.set_attr("gravity", 1.5, indices=3)
+            assert venv.get_attr("gravity") == [9.8, 9.8, 9.8, 1.5]
+        for indices in ([2, 0], [3], 1, [1, 2], [0, 0, 3]):
+            for name in ("length", "gravity", "np_random_seed"):
+                got = a.env_method("get_wrapper_attr", name, indices=indices)
+                assert got == b.env_method("get_wrapper_attr", name, indices=indices), (name, indices)
+                assert a.get_attr(name, indices) == b.get_attr(name, indices), (name, indices)
+        # a method that changes the env: a seeded reset of envs 2 and 0 only
+        got = a.env_method("reset", indices=[2, 0], seed=11)
+        want = b.env_method("reset", indices=[2, 0], seed=11)
+        assert_same(got, want, "env_method reset")
+        assert a.get_attr("np_random_seed") == b.get_attr("np_random_seed") == [11, 1, 11, 3]
+        assert_same(a.env_method("get_wrapper_attr", "state", indices=[0, 1, 2, 3]),
+                    b.env_method("get_wrapper_attr", "state", indices=[0, 1, 2, 3]), "states")
+        # arguments reach the method
+        assert a.env_method("get_wrapper_attr", "tau", indices=[1]) == [0.02]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_single_envs_need_a_vector_env_that_has_them():
+    """AsyncVectorEnv addresses all envs at once only: a subset is refused, except
+    for get_attr (read from all)."""
+    a = SB3VecEnv(gym_vec("CartPole-v1", 2, "async"))
+    try:
+        with pytest.raises(NotImplementedError, match="indices=None"):
+            a.set_attr("length", 1.0, indices=[1])
+        with pytest.raises(NotImplementedError, match="indices=None"):
+            a.env_method("reset", indices=1)
+        a.set_attr("length", 0.7)
+        assert a.get_attr("length", [1]) == [0.7]
+        assert a.env_method("get_wrapper_attr", "length", indices=[1, 0]) == [0.7, 0.7]
+    finally:
+        a.close()
+
+
 def test_env_is_wrapped_with_episode_statistics():
     a = SB3VecEnv(remote("CartPole-v1", 2, workers=1, record_episode_statistics=True))
     try:  # asked before any reset, as VecMonitor does
@@ -193,6 +314,24 @@ def test_env_is_wrapped_with_episode_statistics():
         assert a.env_is_wrapped(Monitor) == [False, False]
     finally:
         a.close()
+
+
+def test_vec_monitor_and_attributes_before_any_reset():
+    """SB3 asks the envs before resetting them; the remote envs answer at once
+    (their workers are waited for), as gymnasium's vector envs do."""
+    venv = VecMonitor(SB3VecEnv(remote("CartPole-v1", 3, max_episode_steps=20)))
+    try:
+        assert venv.get_attr("length") == [0.5] * 3
+        venv.set_attr("length", 0.8, indices=[1])
+        venv.set_attr("gravity", 2.0)
+        assert venv.env_method("get_wrapper_attr", "length", indices=[1, 2]) == [0.8, 0.5]
+        assert venv.env_is_wrapped(gym.wrappers.TimeLimit) == [True] * 3
+        venv.seed(0)
+        obs = venv.reset()
+        assert obs.shape == (3, 4)
+        assert venv.get_attr("gravity") == [2.0] * 3
+    finally:
+        venv.close()
 
 
 def test_single_envs_of_a_sync_vector_env():
@@ -239,6 +378,9 @@ def test_render_and_method_arguments():
         got = a.env_method("shout", "hey", times=2)
         assert got == b.env_method("shout", "hey", times=2)
         assert got[0][0] == "HEYHEY"
+        got = a.env_method("shout", "ho", indices=[2, 0], times=3)
+        assert got == b.env_method("shout", "ho", indices=[2, 0], times=3)
+        assert got[0][0] == "HOHOHO"
     finally:
         a.close()
         b.close()

@@ -2,9 +2,11 @@
 
 SB3 has its own ``VecEnv`` API and refuses gymnasium's ``VectorEnv``.
 :class:`SB3VecEnv` adapts one that runs in SAME_STEP autoreset mode, where an
-env that ends is reset inside that step, as SB3 expects. Gymnasium's batched
-infos become SB3's per-env info dicts, with ``terminal_observation`` and
-``TimeLimit.truncated`` set exactly as ``DummyVecEnv`` sets them::
+env that ends is reset inside that step, as SB3 expects. The infos become SB3's
+per-env info dicts, with ``terminal_observation`` and ``TimeLimit.truncated``
+set exactly as ``DummyVecEnv`` sets them: a :class:`~ws_gym.RemoteVectorEnv`
+gives each env's infos as that env returned them (``env_infos()``); other
+VectorEnvs' batched infos are split per env::
 
     from ws_gym.sb3 import make_vec_env
     model = PPO("MlpPolicy", make_vec_env("CartPole-v1", 8, local_workers=2))
@@ -73,7 +75,7 @@ class SB3VecEnv(VecEnv):
         self.venv = vector_env
         self._actions: Any = None
         # SB3 reads render_mode while constructing; the VectorEnv knows it (a remote
-        # one even before its workers connect, which is only awaited by reset()).
+        # one without waiting for its workers).
         self._starting = True
         super().__init__(vector_env.num_envs, vector_env.single_observation_space, vector_env.single_action_space)
         self._starting = False
@@ -83,16 +85,15 @@ class SB3VecEnv(VecEnv):
 
     def reset(self) -> VecEnvObs:
         """Reset every env with the seeds and options set since the last reset."""
-        n = self.num_envs
         seeds = None if all(s is None for s in self._seeds) else list(self._seeds)
         groups = _group_options(self._options)
         if len(groups) == 1:
             obs, infos = self.venv.reset(seed=seeds, options=groups[0][0])
-            self.reset_infos = _unbatch(infos, n)
+            self.reset_infos = self._per_env(infos)
         else:  # a VectorEnv takes one options dict: one masked reset per distinct options
             for options, mask in groups:
                 obs, infos = self.venv.reset(seed=seeds, options={**(options or {}), "reset_mask": mask})
-                per_env = _unbatch(infos, n)
+                per_env = self._per_env(infos)
                 for i in np.flatnonzero(mask):
                     self.reset_infos[i] = per_env[i]
         self._reset_seeds()
@@ -114,23 +115,46 @@ class SB3VecEnv(VecEnv):
             obs, rewards, terminated, truncated, infos = self.venv.step_wait()
         else:
             obs, rewards, terminated, truncated, infos = self.venv.step(actions)
-        n = self.num_envs
-        final_obs = infos.get("final_obs")
-        final_infos = _unbatch(infos.get("final_info", {}), n)
-        infos = _unbatch({k: v for k, v in infos.items() if k not in _FINAL_KEYS}, n)
         dones = np.logical_or(terminated, truncated)
         out = []
-        for i in range(n):
-            if dones[i]:
-                info = final_infos[i]  # the info of the step that ended; infos[i] is the reset's
-                self.reset_infos[i] = infos[i]
-            else:
-                info = infos[i]
+        for i, (info, final_obs, final_info) in enumerate(self._step_infos(infos, dones)):
+            if dones[i]:  # info is the reset's; final_info the one of the step that ended
+                self.reset_infos[i] = info
+                info = final_info
             info["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
             if dones[i]:
-                info["terminal_observation"] = final_obs[i]
+                info["terminal_observation"] = final_obs
             out.append(info)
         return obs, np.asarray(rewards, dtype=np.float32), dones, out
+
+    def _remote(self) -> RemoteVectorEnv | None:
+        """The RemoteVectorEnv under any vector wrappers, if that is what this adapts."""
+        remote = self.venv.unwrapped
+        return remote if isinstance(remote, RemoteVectorEnv) else None
+
+    def _per_env(self, infos: dict[str, Any]) -> list[dict[str, Any]]:
+        """The last reset's infos, one dict per env."""
+        if isinstance(self.venv, RemoteVectorEnv):  # unwrapped: its infos are the envs' own
+            return self.venv.env_infos()
+        return _unbatch(infos, self.num_envs)
+
+    def _step_infos(self, infos: dict[str, Any], dones: np.ndarray) -> list[tuple[dict[str, Any], Any, Any]]:
+        """The last step's ``(info, final_obs, final_info)`` per env; ``info`` is the
+        reset's for an env that ended (as SyncVectorEnv's ``env_info``)."""
+        n = self.num_envs
+        if isinstance(self.venv, RemoteVectorEnv):  # unwrapped: the envs' own infos, types kept
+            out = []
+            for i, info in enumerate(self.venv.env_infos()):
+                if dones[i]:
+                    out.append((info, info.pop("final_obs"), info.pop("final_info")))
+                else:
+                    out.append((info, None, None))
+            return out
+        final_obs = infos.get("final_obs")
+        final_infos = _unbatch(infos.get("final_info", {}), n)
+        step_infos = _unbatch({k: v for k, v in infos.items() if k not in _FINAL_KEYS}, n)
+        return [(step_infos[i], final_obs[i], final_infos[i]) if dones[i] else (step_infos[i], None, None)
+                for i in range(n)]
 
     def close(self) -> None:
         self.venv.close()
@@ -143,26 +167,31 @@ class SB3VecEnv(VecEnv):
                 f"The render mode is {self.render_mode}, but this method assumes it is `rgb_array` to obtain images."
             )
             return [None] * self.num_envs
-        self._await_workers()
         return list(self.venv.render())
 
     # -- attributes and methods of the envs ----------------------------------
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        """``env.get_wrapper_attr(attr_name)`` of the chosen envs."""
+        """``env.get_wrapper_attr(attr_name)`` of the chosen envs, in ``indices`` order."""
         if self._starting and attr_name == "render_mode":
             return [self.venv.render_mode] * self.num_envs
-        self._await_workers()
+        indices = list(self._get_indices(indices))
+        remote = self._remote()
         with _attribute_errors():
-            values = self.venv.get_attr(attr_name)
-        return [values[i] for i in self._get_indices(indices)]
+            if remote is not None and not self._all(indices):
+                return list(remote.call_at(indices, attr_name))
+            values = self.venv.get_attr(attr_name)  # every env, then the chosen ones
+        return [values[i] for i in indices]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         """Set ``attr_name`` to ``value`` on the chosen envs (``env.set_wrapper_attr``)."""
         indices = list(self._get_indices(indices))
         if self._all(indices):
-            self._await_workers()
             self.venv.set_attr(attr_name, [value] * self.num_envs)
+            return
+        remote = self._remote()
+        if remote is not None:
+            remote.set_attr_at(indices, attr_name, [value] * len(indices))
             return
         for env in self._envs_at(indices, "set an attribute on"):
             env.set_wrapper_attr(attr_name, value)
@@ -170,11 +199,13 @@ class SB3VecEnv(VecEnv):
     def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
         """Call ``method_name`` on the chosen envs; their results in ``indices`` order."""
         indices = list(self._get_indices(indices))
-        if self._all(indices):
-            self._await_workers()
-            with _attribute_errors():
+        remote = self._remote()
+        with _attribute_errors():
+            if self._all(indices):
                 results = self.venv.call(method_name, *method_args, **method_kwargs)
-            return [results[i] for i in indices]
+                return [results[i] for i in indices]
+            if remote is not None:
+                return list(remote.call_at(indices, method_name, *method_args, **method_kwargs))
         envs = self._envs_at(indices, "call a method of")
         return [env.get_wrapper_attr(method_name)(*method_args, **method_kwargs) for env in envs]
 
@@ -190,16 +221,13 @@ class SB3VecEnv(VecEnv):
         if envs is not None:  # in this process: check the objects, as DummyVecEnv does
             return [is_wrapped(envs[i], wrapper_class) for i in indices]
         names = _class_names(wrapper_class)
-        self._await_workers()
-        texts = self.venv.call("__str__")
-        return [not names.isdisjoint(wrapper_names(texts[i])) for i in indices]
-
-    def _await_workers(self) -> None:
-        """Let a RemoteVectorEnv's workers connect: only its reset() waits for them,
-        and SB3 asks the envs before resetting them (``VecMonitor`` does)."""
-        remote = self.venv.unwrapped
-        if isinstance(remote, RemoteVectorEnv):
-            remote._trainer.wait_workers()
+        remote = self._remote()
+        if remote is not None:
+            texts = list(remote.call_at(indices, "__str__"))
+        else:
+            every = self.venv.call("__str__")
+            texts = [every[i] for i in indices]
+        return [not names.isdisjoint(wrapper_names(text)) for text in texts]
 
     def _all(self, indices: list[int]) -> bool:
         return sorted(indices) == list(range(self.num_envs))
@@ -211,7 +239,7 @@ class SB3VecEnv(VecEnv):
             raise NotImplementedError(
                 f"{type(self.venv.unwrapped).__name__} can only {what} all of its envs at once; "
                 f"indices={indices} needs access to single envs, which gymnasium's SyncVectorEnv "
-                "gives. Use indices=None."
+                "and ws_gym's RemoteVectorEnv give. Use indices=None."
             )
         return [envs[i] for i in indices]
 

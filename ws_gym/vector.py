@@ -501,14 +501,14 @@ class RemoteVectorEnv(VectorEnv):
         replies = self._trainer.request([(w, P.RENDER, {}) for w in workers])
         return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
 
-    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         """Call (or read) ``name`` on every env; a tuple of results in env order."""
         workers = self._workers()
         body = {"name": name, "args": list(args), "kwargs": kwargs}
         replies = self._trainer.request([(w, P.CALL, body) for w in workers])
         return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
 
-    def call_at(self, indices: Sequence[int], name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    def call_at(self, indices: Sequence[int], name: str, /, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         """Call (or read) ``name`` on the envs ``indices`` only; results in that order.
 
         For callers that address single envs (SB3's ``env_method(indices=...)``).
@@ -544,8 +544,8 @@ class RemoteVectorEnv(VectorEnv):
         it (before gymnasium batches them, which may change a value's type)."""
         out: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         for start, log in self._raw_infos:
-            for i, info in log:
-                out[start + i] = own(info)
+            for i, info in log:  # SAME_STEP logs an ended env twice: final_obs/final_info, then the reset's
+                out[start + i].update(own(info))
         return out
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
