@@ -79,18 +79,25 @@ class LocalWorkers:
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, env=self._env)
 
-    def check(self) -> None:
+    def check(self, free: bool = True) -> None:
         """Restart a worker that crashed; raise if one was refused or keeps dying.
 
         Called while the trainer waits for workers, so a crashed local worker
         (an env that killed its process, say) is replaced at the next reset.
+        Restarting for ever (``max_restarts=None``, on_worker_lost="wait"), a
+        worker refused because other workers took its envs is no error: it is
+        started again once envs are ``free``.
         """
         for i, proc in enumerate(self.procs):
             code = proc.poll()
             if code is None:
                 continue
-            gave_up = self.max_restarts is not None and self._restarts[i] >= self.max_restarts
-            if code in (EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED) or gave_up:
+            if code == EXIT_REFUSED and self.max_restarts is None:
+                if not free:
+                    continue  # every env has a worker now; start it again when one is lost
+            elif code in (EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED) or (
+                self.max_restarts is not None and self._restarts[i] >= self.max_restarts
+            ):
                 raise WsGymError(
                     f"local worker {i} (pid {proc.pid}) exited with code {code}"
                     + (" after %d restarts" % self._restarts[i] if self._restarts[i] else "")

@@ -267,11 +267,11 @@ class Trainer:
             now = time.monotonic()
             if now >= self._next_local_check:
                 self._next_local_check = now + 0.5
-                self.local.check()
+                self.local.check(free=self.pool.covered() < self.num_envs)
 
     def _check_local(self) -> None:
         if self.local is not None:
-            self.local.check()
+            self.local.check(free=self.pool.covered() < self.num_envs)
 
     def spaces(self) -> tuple[gym.Space, gym.Space, P.Ready]:
         """(observation space, action space, ready info): waits for a worker if needed."""
