@@ -12,12 +12,13 @@ worker that disconnects fails its pending requests at once.
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import hashlib
 import hmac
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -77,7 +78,7 @@ class WorkerConn:
     def stop(self) -> int:
         return self.start + self.count
 
-    @property
+    @functools.cached_property  # read on every reply check; start and count never change
     def origin(self) -> str:
         return f"worker {self.name} ({self.peer}, envs {self.start}..{self.stop - 1})"
 
