@@ -224,3 +224,65 @@ def test_a_worker_refused_as_busy_retries(cli_workers):
         envs.close()
     code, out = cli_workers.finish(proc)
     assert code == 0 and "busy" in out, out
+
+
+def test_a_worker_notices_a_silent_trainer(cli_workers):
+    """A trainer that goes silent (no requests, no heartbeat pings: a dead PC) is
+    given up after 3 heartbeats; the worker dials in again and serves again."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from ws_gym import codec
+    from ws_gym import protocol as P
+    from ws_gym.host import EnvHost
+
+    connections, done = [], threading.Event()
+    heartbeat = 0.5
+
+    async def handler(request):
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        connections.append(asyncio.get_running_loop().time())
+        hello = codec.decode((await ws.receive(timeout=10)).data)
+        assert hello.kind == P.HELLO
+        welcome = P.Welcome(env_id=COUNTER, env_kwargs={}, num_envs=1, first_index=0, mode=P.MODE_VECTOR,
+                            autoreset_mode="NextStep", max_episode_steps=None, heartbeat=heartbeat)
+        await ws.send_bytes(codec.encode(P.WELCOME, 0, P.make_welcome(welcome)))
+        assert codec.decode((await ws.receive(timeout=30)).data).kind == P.READY
+        await ws.send_bytes(codec.encode(P.ACCEPT, 0, {}))
+        if len(connections) >= 2:
+            done.set()
+        await ws.receive(timeout=30)  # now silent: no request, no ping, until the worker gives up
+        return ws
+
+    loop = asyncio.new_event_loop()
+    runner_box = {}
+
+    async def start():
+        app = web.Application()
+        app.router.add_get("/ws", handler)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runner_box["runner"] = runner
+        return site._server.sockets[0].getsockname()[1]
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+        proc = cli_workers.start("--url", f"ws://127.0.0.1:{port}/ws", "--env", COUNTER)
+        assert done.wait(30), "the worker did not dial in again"
+        gap = connections[1] - connections[0]
+        assert 3 * heartbeat <= gap < 3 * heartbeat + 5, gap
+        proc.kill()
+        code, out = cli_workers.finish(proc)
+        assert "sent nothing for 1.5 s" in out, out
+    finally:
+        if "runner" in runner_box:
+            asyncio.run_coroutine_threadsafe(runner_box["runner"].cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

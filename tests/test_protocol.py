@@ -141,8 +141,12 @@ def _wb(**kw):
         [],
         {},
         *[{k: v for k, v in _WB.items() if k != missing}
-          for missing in _WB if missing not in ("max_episode_steps", "record_episode_statistics")],
+          for missing in _WB if missing not in ("max_episode_steps", "record_episode_statistics", "heartbeat")],
         _wb(record_episode_statistics=1),
+        _wb(heartbeat=0),
+        _wb(heartbeat=-1.0),
+        _wb(heartbeat="10"),
+        _wb(heartbeat=1e9),
         _wb(env_id=None),
         _wb(env_id=""),
         _wb(env_id=3),

@@ -389,6 +389,7 @@ class WorkerPool:
                 autoreset_mode=self.expect.autoreset_mode,
                 max_episode_steps=self.expect.max_episode_steps,
                 record_episode_statistics=self.expect.record_episode_statistics,
+                heartbeat=self.heartbeat,
             )
             await ws.send_bytes(codec.encode(P.WELCOME, 0, P.make_welcome(welcome), strict=True))
             msg = await receive_message(ws, self.ready_timeout, "during the handshake")

@@ -10,7 +10,7 @@ Handshake (worker dials the trainer)::
     worker  -> hello    {protocol, env_id | null, num_envs, name}
     trainer -> welcome  {env_id, env_kwargs, num_envs, first_index, mode,
                          autoreset_mode, max_episode_steps,
-                         record_episode_statistics}             | refuse {reason}
+                         record_episode_statistics, heartbeat}  | refuse {reason}
     worker  -> ready    {observation_space, action_space, render_mode, metadata}
                                                                  | error {...}
     trainer -> accept   {}                                       | refuse {reason}
@@ -126,6 +126,7 @@ class Welcome:
     autoreset_mode: str
     max_episode_steps: int | None
     record_episode_statistics: bool = False
+    heartbeat: float | None = None  # the trainer pings an idle worker this often
 
 
 def make_welcome(w: Welcome) -> dict:
@@ -138,6 +139,7 @@ def make_welcome(w: Welcome) -> dict:
         "autoreset_mode": w.autoreset_mode,
         "max_episode_steps": w.max_episode_steps,
         "record_episode_statistics": w.record_episode_statistics,
+        "heartbeat": w.heartbeat,
     }
 
 
@@ -152,6 +154,9 @@ def parse_welcome(body: Any) -> Welcome:
     autoreset = _field(body, "autoreset_mode", (str,), "welcome")
     steps = _field(body, "max_episode_steps", (int,), "welcome", optional=True)
     stats = _field(body, "record_episode_statistics", (bool,), "welcome", optional=True) or False
+    heartbeat = _field(body, "heartbeat", (int, float), "welcome", optional=True)
+    if heartbeat is not None and not 0 < heartbeat <= 86400:
+        raise ProtocolError("welcome: heartbeat must be between 0 and 86400 seconds")
     if not 1 <= num_envs <= MAX_ENVS_PER_WORKER or first < 0:
         raise ProtocolError("welcome: bad env count or index")
     if mode not in (MODE_VECTOR, MODE_SINGLE):
@@ -160,7 +165,8 @@ def parse_welcome(body: Any) -> Welcome:
         raise ProtocolError(f"welcome: unknown autoreset_mode {autoreset[:50]!r}")
     if mode == MODE_SINGLE and num_envs != 1:
         raise ProtocolError("welcome: single mode hosts exactly one env")
-    return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps, stats)
+    return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps, stats,
+                   None if heartbeat is None else float(heartbeat))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ EXIT_OK, EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_GAVE_UP, EXIT_UNTRUSTED = (
 )
 
 
+# A dead trainer does not answer a close: do not wait long for it.
+_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_close=2.0) if hasattr(aiohttp, "ClientWSTimeout") else 2.0
+
+
 class _Closed(Exception):
     """The trainer closed the session politely."""
 
@@ -123,12 +127,11 @@ class Worker:
         insecure: bool = False,
         cert_fingerprint: str | None = None,
         vectorization: str = "sync",
-        heartbeat: float | None = 10.0,
         unix_socket: str | None = None,
     ) -> None:
         self.url = url
         self.unix_socket = unix_socket
-        self.heartbeat = heartbeat or None
+        self._last_rx = 0.0  # loop time of the last frame from the trainer (or our last reply)
         self.vectorization = check_vectorization(vectorization)
         self.insecure = insecure
         self._ssl = client_ssl(url, cafile=cafile, insecure=insecure, cert_fingerprint=cert_fingerprint)
@@ -163,8 +166,8 @@ class Worker:
                 try:
                     async with session.ws_connect(
                         self.url, headers=headers, max_msg_size=self.max_msg_size,
-                        compress=0, autoping=True, autoclose=True, ssl=self._ssl,
-                        heartbeat=self.heartbeat,  # a trainer gone silent is noticed
+                        compress=0, autoping=False, autoclose=True, ssl=self._ssl,
+                        timeout=_WS_TIMEOUT,
                     ) as ws:
                         log.info("connected to %s%s", self.url,
                                  " (certificate NOT verified: --insecure)" if self.insecure else "")
@@ -261,15 +264,47 @@ class Worker:
         self._delays_reset = True
         log.info("hosting %d x %s as envs %d..%d", welcome.num_envs, welcome.env_id,
                  welcome.first_index, welcome.first_index + welcome.num_envs - 1)
-        await self._serve(ws)
+        if not welcome.heartbeat:
+            await self._serve(ws)
+            return
+        # The trainer pings a worker it has not heard from for `heartbeat` s; hearing
+        # nothing for 3 heartbeats means it is gone (a pulled cable, a sleeping PC).
+        limit = 3 * welcome.heartbeat
+        serve = asyncio.ensure_future(self._serve(ws))
+        silent = asyncio.ensure_future(self._watch_trainer(serve, limit))
+        try:
+            await serve
+        except asyncio.CancelledError:
+            if silent.done() and not silent.cancelled() and silent.result():
+                raise ConnectionResetError(f"the trainer sent nothing for {limit:g} s") from None
+            raise
+        finally:
+            silent.cancel()
+            serve.cancel()
+
+    async def _watch_trainer(self, serve: asyncio.Future, limit: float) -> bool:
+        """Cancel ``serve`` when nothing came from the trainer for ``limit`` seconds."""
+        loop = asyncio.get_running_loop()
+        while not serve.done():
+            await asyncio.sleep(min(limit / 3, 5.0))
+            if loop.time() - self._last_rx > limit:
+                serve.cancel()
+                return True
+        return False
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         host = self.host
         receive, send = ws.receive, ws.send_bytes
-        BINARY = aiohttp.WSMsgType.BINARY
+        BINARY, PING = aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.PING
+        now = asyncio.get_running_loop().time
+        self._last_rx = now()
         while True:
             msg = await receive()
+            self._last_rx = now()
             if msg.type != BINARY:
+                if msg.type == PING:  # the trainer's heartbeat
+                    await ws.pong(msg.data)
+                    continue
                 if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                     raise ConnectionResetError("the trainer closed the connection")
                 if msg.type == aiohttp.WSMsgType.ERROR:
@@ -288,6 +323,7 @@ class Worker:
             except Exception as exc:  # the env's error goes back to the trainer
                 frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
             await send(frame)
+            self._last_rx = now()  # a long step is not silence
             if req.kind == P.CLOSE:
                 raise _Closed()
 
@@ -353,9 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-msg-size", type=int, default=DEFAULT_MAX_MSG, help="largest message accepted, in bytes")
     p.add_argument("--name", default=None, help="name shown in the trainer's logs (default host:pid)")
     p.add_argument("--unix-socket", default=None, help=argparse.SUPPRESS)  # local workers (POSIX)
-    p.add_argument("--heartbeat", type=float, default=10.0,
-                   help="ping a quiet trainer every this many seconds; no answer within half of it "
-                        "means the connection is lost and the worker reconnects (0: off; default 10)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -391,7 +424,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_import=args.allow_import,
             retry_timeout=args.retry_timeout,
             max_msg_size=args.max_msg_size,
-            heartbeat=args.heartbeat,
             unix_socket=args.unix_socket,
             name=args.name,
             cafile=args.cafile,
