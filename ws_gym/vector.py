@@ -188,6 +188,7 @@ class RemoteVectorEnv(VectorEnv):
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
         self._last: list[tuple[int, int, Any]] = []  # (start, stop, obs batch): the latest observations
         self._raw_infos: list[tuple[int, list]] = []  # (first env, info log): the latest, unmerged
+        self._ended: np.ndarray | None = None  # wait mode: which envs' last result ended their episode
         self._pending: tuple[Any, Any, Any] | None = None  # a step_async awaiting step_wait
         self._single_obs = self._single_act = self._obs = self._act = None
         self._render_mode = render_mode
@@ -304,7 +305,7 @@ class RemoteVectorEnv(VectorEnv):
         infos: dict[str, Any] = {}
         last, raw = [], []
         # reset envs (and lost ones asked to reset) have not ended; the others keep their state
-        prev_ended = getattr(self, "_ended", None)
+        prev_ended = self._ended
         if mask is None or prev_ended is None:
             ended = np.zeros(self.num_envs, dtype=np.bool_)
         else:
@@ -390,7 +391,7 @@ class RemoteVectorEnv(VectorEnv):
         # reset at once. Without SAME_STEP's final_obs an episode not ended yet (its
         # worker was lost between two steps) must first end as truncated (worker_lost),
         # else its last obs and the new worker's first obs would look like one transition.
-        ended = getattr(self, "_ended", None)
+        ended = self._ended
         wait_end = self.autoreset_mode is not AutoresetMode.SAME_STEP
         for a, b, w in self._trainer.pool.layout():
             if w is None or (w.fresh and wait_end and (ended is None or not ended[a:b].all())):
