@@ -12,9 +12,14 @@ import os
 from typing import Any, Coroutine
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable turns a speed-up off (0, false, no, off)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def uvloop_module() -> Any:
     """The uvloop module if it is installed and not switched off, else None."""
-    if os.environ.get("WS_GYM_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("WS_GYM_UVLOOP"):
         return None
     try:
         import uvloop

@@ -98,6 +98,13 @@ class _Call:
         self.batch: list = []
         self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
 
+    def answer(self, idx: int, value: Any) -> None:
+        """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
+        self.results[idx] = value
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.finish()
+
     def finish(self) -> None:
         if not self.done:
             self.done = True
@@ -466,10 +473,7 @@ class WorkerPool:
             exc = WorkerLostError(f"{conn.origin} {why} during a call")
             for call, idx in conn.pending.values():
                 if call.tolerant:
-                    call.results[idx] = LOST
-                    call.remaining -= 1
-                    if call.remaining == 0:
-                        call.finish()
+                    call.answer(idx, LOST)
                 else:
                     call.fail(exc)
             conn.pending.clear()
@@ -512,10 +516,7 @@ class WorkerPool:
                 continue
             call, idx = entry
             if reply.kind == P.OK:
-                call.results[idx] = reply.body
-                call.remaining -= 1
-                if call.remaining == 0:
-                    call.finish()
+                call.answer(idx, reply.body)
             elif reply.kind == P.ERROR:
                 call.fail(P.parse_error(reply.body, conn.origin))
             else:
@@ -525,14 +526,12 @@ class WorkerPool:
         for idx, (conn, rid, _) in enumerate(items):
             if not conn.alive:
                 if call.tolerant:  # wait mode: lost after the caller's layout(), before this
-                    call.results[idx] = LOST
-                    call.remaining -= 1
+                    call.answer(idx, LOST)
                     continue
                 call.fail(WorkerLostError(f"{conn.origin} is gone"))
                 return
             conn.pending[rid] = (call, idx)
-        if call.remaining == 0:
-            call.finish()
+        if call.done:  # every worker was lost already
             return
         self._loop.create_task(self._send_all(call, items))
 

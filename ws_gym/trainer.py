@@ -25,7 +25,7 @@ from typing import Any
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
-from . import codec
+from . import codec, loops
 from . import protocol as P
 from .errors import WsGymError
 from .host import check_vectorization
@@ -262,16 +262,13 @@ class Trainer:
             raise WsGymError(f"could not read this trainer's own TLS certificate for its local workers: {exc}") from exc
 
     def check_local(self) -> None:
-        """Restart crashed local workers (at most every half second: it is called per step)."""
+        """Restart crashed local workers (at most every half second: in wait mode it
+        is called on every step, and in the waits for workers)."""
         if self.local is not None:
             now = time.monotonic()
             if now >= self._next_local_check:
                 self._next_local_check = now + 0.5
                 self.local.check(free=self.pool.covered() < self.num_envs)
-
-    def _check_local(self) -> None:
-        if self.local is not None:
-            self.local.check(free=self.pool.covered() < self.num_envs)
 
     def spaces(self) -> tuple[gym.Space, gym.Space, P.Ready]:
         """(observation space, action space, ready info): waits for a worker if needed."""
@@ -279,7 +276,7 @@ class Trainer:
             ready = self.pool.expect.ready
             if ready is None:
                 _say(f"waiting for a worker at {self.url} to learn the env's spaces; run: {self.worker_command()}")
-                ready = self.pool.wait_spaces(self.connect_timeout, check=self._check_local)
+                ready = self.pool.wait_spaces(self.connect_timeout, check=self.check_local)
             self._spaces = (schema_to_space(ready.observation_space), schema_to_space(ready.action_space), ready)
         return self._spaces
 
@@ -301,7 +298,7 @@ class Trainer:
                 )
             self._waited = True
 
-        self.pool.wait_covered(self.connect_timeout, progress=progress, check=self._check_local)
+        self.pool.wait_covered(self.connect_timeout, progress=progress, check=self.check_local)
 
     def request(self, items: list[tuple[Any, str, Any]], timeout: float | None = -1) -> list[Any]:
         return self.pool.request(items, self.step_timeout if timeout == -1 else timeout)
@@ -320,7 +317,7 @@ class Trainer:
         self._unix_dir = None
         if not counts or server_ssl is not None or not hasattr(socket, "AF_UNIX") or sys.platform == "win32":
             return None
-        if os.environ.get("WS_GYM_UNIX", "1").strip().lower() in ("0", "false", "no", "off"):
+        if loops.switched_off("WS_GYM_UNIX"):
             return None
         self._unix_dir = tempfile.mkdtemp(prefix="ws_gym-")  # mode 0700
         return os.path.join(self._unix_dir, "trainer.sock")

@@ -235,7 +235,8 @@ class RemoteVectorEnv(VectorEnv):
         """Reset the envs (waiting for workers first); ``seed + i`` seeds env i."""
         self._check_idle()
         trainer = self._trainer
-        if not (trainer.wait_mode and self._last):  # wait mode: only the first reset waits
+        around_holes = trainer.wait_mode and bool(self._last)  # wait mode: only the first reset waits
+        if not around_holes:
             trainer.wait_workers()
         if self._single_obs is None:
             self._load_spaces()
@@ -255,7 +256,7 @@ class RemoteVectorEnv(VectorEnv):
         if options is not None and "reset_mask" in options:
             mask = options.pop("reset_mask")
             _check_mask(mask, n)
-        if trainer.wait_mode and self._last:
+        if around_holes:
             return self._reset_around_holes(seeds, options, mask)
         workers = trainer.pool.serving()
         items, asked = [], []
@@ -268,7 +269,7 @@ class RemoteVectorEnv(VectorEnv):
                 body["mask"] = part.tolist()
             items.append((w, P.RESET, body))
             asked.append(w)
-        replies = trainer.wait(trainer.submit(items))
+        replies = trainer.request(items)
         infos: dict[str, Any] = {}
         for w, reply in zip(asked, replies):
             check_reply(reply, w.count, self._single_obs, w.origin, step=False)
@@ -364,7 +365,6 @@ class RemoteVectorEnv(VectorEnv):
         """
         self._check_idle()
         trainer = self._trainer
-        workers = None if trainer.wait_mode else trainer.pool.serving()
         if isinstance(self._single_act, _ARRAY_SPACES):
             actions = np.asarray(actions)
             if actions.shape[:1] != (self.num_envs,):
@@ -374,6 +374,7 @@ class RemoteVectorEnv(VectorEnv):
         if trainer.wait_mode:
             self._pending = self._step_around_holes(actions)
             return
+        workers = trainer.pool.serving()
         if len(workers) == 1:
             items = [(workers[0], P.STEP, {"a": actions})]
         else:
