@@ -94,26 +94,54 @@ def encode(kind: str, req_id: int, body: Any = None, *, strict: bool = False) ->
     """
     arrays: list[np.ndarray] = []
     tree = _pack(body, arrays, strict, 0)
-    specs = []
-    for arr in arrays:
-        specs.append([arr.dtype.str, list(arr.shape)])
-    header = orjson.dumps({"k": kind, "i": req_id, "b": specs, "d": tree})
+    header = orjson.dumps({"k": kind, "i": req_id, "b": [[a.dtype.str, a.shape] for a in arrays], "d": tree})
     pad = -(_LEN.size + len(header)) % _ALIGN
-    parts: list[Any] = [_LEN.pack(len(header) + pad), header, b" " * pad]
+    parts: list[Any] = [_LEN.pack(len(header) + pad), header, _PADS[pad]]
     for arr in arrays:
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
-        tail = -arr.nbytes % _ALIGN
+        nbytes = arr.nbytes
+        if not nbytes:
+            continue
+        try:
+            parts.append(arr.data.cast("B"))  # the array's bytes, no copy
+        except (TypeError, ValueError):  # 0-d, or a format memoryview cannot cast
+            parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        tail = -nbytes % _ALIGN
         if tail:
-            parts.append(b"\0" * tail)
+            parts.append(_ZEROS[tail])
     return b"".join(parts)
+
+
+_PADS = [b" " * n for n in range(_ALIGN)]
+_ZEROS = [b"\0" * n for n in range(_ALIGN)]
 
 
 def _pack(obj: Any, arrays: list, strict: bool, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise EncodeError(f"value nested deeper than {MAX_DEPTH} levels")
     t = type(obj)
+    if t is np.ndarray:  # the common case first: observations, rewards, actions
+        kind = obj.dtype.kind
+        if kind in _SEND_KINDS and obj.dtype.fields is None:
+            arrays.append(obj)
+            return {"$a": len(arrays) - 1}
+        if kind == "O":
+            items = [_pack(x, arrays, strict, depth + 1) for x in obj.ravel()]
+            return {"$O": list(obj.shape), "v": items}
+        return _no_wire_form(obj, strict, f"a value of type {t.__qualname__}")
+    if t is dict:
+        for k in obj:
+            if type(k) is not str or k[:1] == "$" or not (k.isascii() or _utf8(k)):
+                break
+        else:
+            return {k: _pack(v, arrays, strict, depth + 1) for k, v in obj.items()}
+        return {
+            "$d": [
+                [_pack(k, arrays, strict, depth + 1), _pack(v, arrays, strict, depth + 1)]
+                for k, v in obj.items()
+            ]
+        }
     if obj is None or t is bool:
         return obj
     if t is str:
@@ -128,14 +156,7 @@ def _pack(obj: Any, arrays: list, strict: bool, depth: int) -> Any:
         if math.isfinite(obj):
             return obj
         return {"$f": "nan" if obj != obj else ("inf" if obj > 0 else "-inf")}
-    if t is np.ndarray:
-        if obj.dtype.kind in _SEND_KINDS and obj.dtype.fields is None:
-            arrays.append(obj)
-            return {"$a": len(arrays) - 1}
-        if obj.dtype.kind == "O":
-            items = [_pack(x, arrays, strict, depth + 1) for x in obj.ravel()]
-            return {"$O": list(obj.shape), "v": items}
-    elif isinstance(obj, np.generic):
+    if isinstance(obj, np.generic):
         arr = np.asarray(obj)
         if arr.dtype.kind in _SEND_KINDS:
             arrays.append(arr)
@@ -201,7 +222,7 @@ def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None
     if hlen > size - start:
         raise ProtocolError(f"header length {hlen} exceeds the frame ({size} bytes)")
     try:
-        header = orjson.loads(bytes(frame[start : start + hlen]))
+        header = orjson.loads(memoryview(frame)[start : start + hlen])
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -220,39 +241,55 @@ def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None
     return Message(kind, req_id, body)
 
 
+_dtypes: dict[str, np.dtype] = {}  # dtype strings seen and allowed (bounded: see _dtype)
+
+
+def _dtype(dstr: Any, n: int) -> np.dtype:
+    """The numpy dtype of an allowed dtype string (cached: decode runs per step)."""
+    dtype = _dtypes.get(dstr) if type(dstr) is str else None
+    if dtype is not None:
+        return dtype
+    if not isinstance(dstr, str) or not _DTYPE_RE.match(dstr):
+        raise ProtocolError(f"buffer {n}: dtype {_safe_repr(dstr, 100)} is not allowed")
+    try:
+        dtype = np.dtype(dstr)
+    except TypeError:
+        raise ProtocolError(f"buffer {n}: dtype {dstr!r} is not allowed") from None
+    if dtype.itemsize == 0:
+        raise ProtocolError(f"buffer {n}: dtype {dstr!r} has no size")
+    if len(_dtypes) < 256:
+        _dtypes[dstr] = dtype
+    return dtype
+
+
 def _views(frame: Any, offset: int, specs: list) -> list[np.ndarray]:
     size = len(frame)
     views = []
     for n, spec in enumerate(specs):
-        if not (isinstance(spec, list) and len(spec) == 2):
+        if not (type(spec) is list and len(spec) == 2):
             raise ProtocolError(f"buffer {n}: spec must be [dtype, shape]")
         dstr, shape = spec
-        if not isinstance(dstr, str) or not _DTYPE_RE.match(dstr):
-            raise ProtocolError(f"buffer {n}: dtype {_safe_repr(dstr, 100)} is not allowed")
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        dtype = _dtype(dstr, n)
+        if type(shape) is not list or len(shape) > MAX_DIMS:
             raise ProtocolError(f"buffer {n}: shape must be a list of at most {MAX_DIMS} sizes")
         count = 1
         for dim in shape:
             if type(dim) is not int or dim < 0:
                 raise ProtocolError(f"buffer {n}: shape {_safe_repr(shape, 200)} has a bad size")
             count *= dim
-        try:
-            dtype = np.dtype(dstr)
-        except TypeError:
-            raise ProtocolError(f"buffer {n}: dtype {dstr!r} is not allowed") from None
         nbytes = count * dtype.itemsize
-        if dtype.itemsize == 0 or nbytes > size - offset:
+        if nbytes > size - offset:
             raise ProtocolError(
                 f"buffer {n}: {shape!r} x {dstr} needs {nbytes} bytes, "
                 f"the frame has {max(size - offset, 0)} left"
             )
-        arr = np.frombuffer(frame, dtype=dtype, count=count, offset=offset)
+        try:
+            arr = np.ndarray(tuple(shape), dtype, frame, offset)  # a view: no copy
+        except (ValueError, TypeError):  # no data, but a dimension numpy cannot hold: [0, 2**63]
+            raise ProtocolError(f"buffer {n}: shape {shape!r} is too big") from None
         if arr.flags.writeable:  # a bytearray frame: views stay read-only all the same
             arr.flags.writeable = False
-        try:
-            views.append(arr.reshape(shape))
-        except ValueError:  # no data, but a dimension numpy cannot hold: [0, 2**63]
-            raise ProtocolError(f"buffer {n}: shape {shape!r} is too big") from None
+        views.append(arr)
         offset += nbytes + (-nbytes % _ALIGN)
     if offset < size:
         raise ProtocolError(f"{size - offset} unexpected bytes after the last buffer")

@@ -1,12 +1,15 @@
 """The trainer's side of the wire: a WebSocket server and the workers on it.
 
 An aiohttp server runs on its own event loop in a background thread. Workers
-dial in, pass the handshake and are given a contiguous run of env slots. The
-caller's thread (the training loop) encodes requests itself, hands them to the
-loop with one ``call_soon_threadsafe`` per batched call, and blocks on a plain
-``threading.Lock`` that the loop releases when the last reply (or the first
-error) arrives. Replies are matched to requests by id as they are read; a
-worker that disconnects fails its pending requests at once.
+dial in, pass the handshake and are given a contiguous run of env slots; from
+then on the connection's frames are read and written by a
+:class:`~ws_gym.wire.FrameConnection`, not aiohttp's message API. The caller's
+thread (the training loop) encodes requests itself, hands them to the loop
+with one ``call_soon_threadsafe`` per batched call (which writes the frames at
+once), and blocks on a plain ``threading.Lock`` that the loop releases when
+the last reply (or the first error) arrives. Replies are matched to requests
+by id as they are parsed, inside the transport's ``data_received``; a worker
+that disconnects fails its pending requests at once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from . import codec, loops
+from . import frames as F
 from . import protocol as P
 from .errors import (
     ConnectTimeoutError,
@@ -39,6 +43,7 @@ from .errors import (
     WorkerLostError,
     WsGymError,
 )
+from .wire import FrameConnection, hand_back
 from .wsio import receive_message
 
 log = logging.getLogger("ws_gym")
@@ -71,6 +76,8 @@ class WorkerConn:
     fresh: bool = True  # not reset since it joined
     pending: dict = field(default_factory=dict)
     transport: Any = None  # to cut a silent worker off at once
+    wire: FrameConnection | None = None  # the connection's frames, once admitted
+    aiohttp_protocol: Any = None  # aiohttp's protocol for the transport, handed back at the end
     last_rx: float = 0.0  # loop time of the last frame received (heartbeats)
     ping_at: float | None = None  # loop time of an unanswered heartbeat ping
 
@@ -291,15 +298,15 @@ class WorkerPool:
         try:
             await ws.prepare(request)
             try:
-                conn = await self._handshake(ws, peer)
+                conn = await self._handshake(ws, peer, request.transport)
                 if conn is not None:
-                    conn.transport = request.transport
                     conn.last_rx = self._loop.time()
             finally:
                 self._pending_handshakes -= 1
                 pending = False
             if conn is not None:
                 await self._read_replies(conn)
+                conn.wire.abort()  # any data still buffered is of no use now
         except (asyncio.TimeoutError, TimeoutError):
             log.warning("worker at %s did not finish its handshake in time", peer)
         except (ProtocolError, HandshakeError) as exc:
@@ -312,6 +319,9 @@ class WorkerPool:
                 self._pending_handshakes -= 1
             if conn is not None:
                 self._drop(conn)
+                if conn.wire is not None:  # aiohttp cleans up as after any disconnect
+                    hand_back(conn.transport, conn.aiohttp_protocol)
+                    return ws
             too_big = ws.exception()
             if isinstance(too_big, aiohttp.WebSocketError) and too_big.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                 log.warning("closed the connection from %s: a message exceeded max_msg_size (%d bytes)",
@@ -380,12 +390,13 @@ class WorkerPool:
                 return start, i - start
         return (start, self.num_envs - start) if start is not None else (0, 0)
 
-    async def _handshake(self, ws: web.WebSocketResponse, peer: str) -> WorkerConn | None:
+    async def _handshake(self, ws: web.WebSocketResponse, peer: str, transport: Any) -> WorkerConn | None:
         msg = await receive_message(ws, self.handshake_timeout, "during the handshake")
         if msg.kind != P.HELLO:
             raise ProtocolError(f"the first message must be hello, got {msg.kind!r}")
         hello = P.parse_hello(msg.body)
         conn = self._admit(hello, peer, ws)
+        conn.transport = transport
         try:
             welcome = P.Welcome(
                 env_id=self.expect.env_id,
@@ -414,7 +425,16 @@ class WorkerPool:
         except BaseException:
             self._release(conn)
             raise
-        await ws.send_bytes(codec.encode(P.ACCEPT, 0, {}))
+        # From here on this connection's frames bypass aiohttp's message API. The
+        # worker sends nothing between its ready and our accept, so no byte of it
+        # can be left behind in aiohttp's parser.
+        transport = conn.transport
+        conn.wire, conn.aiohttp_protocol = FrameConnection.take_over(
+            transport, client=False, max_size=self.max_msg_size, loop=self._loop,
+            on_message=functools.partial(self._on_reply, conn),
+            on_control=functools.partial(self._on_control, conn),
+        )
+        conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
         with self._cond:
             conn.active = True
             self._version += 1
@@ -485,44 +505,52 @@ class WorkerPool:
             self._note(text)
 
     async def _read_replies(self, conn: WorkerConn) -> None:
-        ws = conn.ws
-        pending = conn.pending
-        BINARY = aiohttp.WSMsgType.BINARY
-        PING, PONG = aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG
-        now = self._loop.time
-        async for msg in ws:
-            conn.last_rx = now()
-            if msg.type != BINARY:
-                if msg.type == PING:
-                    await ws.pong(msg.data)
-                elif msg.type != PONG:
-                    log.warning("%s sent a %s message; ignored", conn.origin, msg.type.name)
-                continue
-            try:
-                reply = codec.decode(msg.data)
-            except ProtocolError as exc:
-                log.warning("%s sent a malformed frame: %s", conn.origin, exc)
-                # Which request it answers is unknown: fail what this worker owes now
-                # (a clear error at once, not a StepTimeoutError later); replies still
-                # on their way for those ids are ignored as unknown.
-                err = ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
-                for call, _ in pending.values():
-                    call.fail(err)
-                pending.clear()
-                continue
-            entry = pending.pop(reply.id, None)
-            if entry is None:
-                log.warning("%s answered unknown request %d; ignored", conn.origin, reply.id)
-                continue
-            call, idx = entry
-            if reply.kind == P.OK:
-                call.answer(idx, reply.body)
-            elif reply.kind == P.ERROR:
-                call.fail(P.parse_error(reply.body, conn.origin))
+        """Wait until the connection ends (replies are handled by :meth:`_on_reply`)."""
+        try:
+            code, reason = await conn.wire.done
+            log.debug("%s closed its connection (%s %s)", conn.origin, code, reason)
+        except F.FrameError as exc:
+            if exc.code == F.CLOSE_TOO_BIG:
+                log.warning("closed the connection from %s: a message exceeded max_msg_size (%d bytes)",
+                            conn.peer, self.max_msg_size)
             else:
-                call.fail(ProtocolError(f"{conn.origin} answered with kind {reply.kind!r}"))
+                log.warning("closed the connection from %s: %s", conn.origin, exc)
+        except (ConnectionError, OSError) as exc:
+            log.debug("connection from %s ended: %r", conn.peer, exc)
+
+    def _on_control(self, conn: WorkerConn) -> None:
+        conn.last_rx = self._loop.time()
+
+    def _on_reply(self, conn: WorkerConn, data: Any) -> None:
+        """One binary message from a worker, inside the transport's data_received."""
+        conn.last_rx = self._loop.time()
+        pending = conn.pending
+        try:
+            reply = codec.decode(data)
+        except ProtocolError as exc:
+            log.warning("%s sent a malformed frame: %s", conn.origin, exc)
+            # Which request it answers is unknown: fail what this worker owes now
+            # (a clear error at once, not a StepTimeoutError later); replies still
+            # on their way for those ids are ignored as unknown.
+            err = ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
+            for call, _ in pending.values():
+                call.fail(err)
+            pending.clear()
+            return
+        entry = pending.pop(reply.id, None)
+        if entry is None:
+            log.warning("%s answered unknown request %d; ignored", conn.origin, reply.id)
+            return
+        call, idx = entry
+        if reply.kind == P.OK:
+            call.answer(idx, reply.body)
+        elif reply.kind == P.ERROR:
+            call.fail(P.parse_error(reply.body, conn.origin))
+        else:
+            call.fail(ProtocolError(f"{conn.origin} answered with kind {reply.kind!r}"))
 
     def _dispatch(self, call: _Call, items: list) -> None:
+        """On the loop thread: register the requests and write their frames."""
         for idx, (conn, rid, _) in enumerate(items):
             if not conn.alive:
                 if call.tolerant:  # wait mode: lost after the caller's layout(), before this
@@ -533,14 +561,11 @@ class WorkerPool:
             conn.pending[rid] = (call, idx)
         if call.done:  # every worker was lost already
             return
-        self._loop.create_task(self._send_all(call, items))
-
-    async def _send_all(self, call: _Call, items: list) -> None:
         for conn, rid, frame in items:
             if rid not in conn.pending:  # lost meanwhile (wait mode: its part is LOST already)
                 continue
             try:
-                await conn.ws.send_bytes(frame)
+                conn.wire.send(frame)
             except (ConnectionError, RuntimeError) as exc:
                 if call.tolerant:  # wait mode: the worker is lost, its part becomes LOST
                     self._drop(conn, f"send failed: {exc}", cut_off=True)
@@ -572,7 +597,7 @@ class WorkerPool:
                 if now - conn.last_rx >= interval:
                     conn.ping_at = now
                     try:
-                        await conn.ws.ping()
+                        conn.wire.ping()
                     except (ConnectionError, RuntimeError):
                         self._drop(conn, cut_off=True)
 
@@ -757,7 +782,9 @@ class WorkerPool:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)  # let it end before the loop stops
         for conn in list(self._conns):
-            if not conn.ws.closed:
+            if conn.wire is not None:
+                conn.wire.close(F.CLOSE_GOING_AWAY, "trainer closing")
+            elif not conn.ws.closed:
                 await conn.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"trainer closing")
         if self._runner is not None:
             await self._runner.cleanup()

@@ -30,6 +30,7 @@ from . import codec, loops
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import VECTORIZATIONS, EnvHost, check_vectorization
+from .wire import FrameConnection, hand_back
 from .wsio import receive_message
 
 log = logging.getLogger("ws_gym.worker")
@@ -243,20 +244,29 @@ class Worker:
         if msg.kind != P.WELCOME:
             raise ProtocolError(f"expected welcome, got {msg.kind!r}")
         welcome = P.parse_welcome(codec.writable(msg.body))
+        # The trainer now waits for our ready: nothing of its is on the way, so the
+        # connection can leave aiohttp's message API without a byte left behind.
+        link = _WireLink.take_over(ws, self) or _AiohttpLink(ws, self)
+        try:
+            await self._handshake_rest(link, welcome)
+        finally:
+            link.end()
+
+    async def _handshake_rest(self, link: "_AiohttpLink | _WireLink", welcome: P.Welcome) -> None:
         why = env_allowed(welcome.env_id, fixed=self.env_id, allow_import=self.allow_import)
         if why is None and self.env_kwargs is not None:
             welcome = dataclasses.replace(welcome, env_kwargs={**welcome.env_kwargs, **self.env_kwargs})
         if why is not None:
-            await ws.send_bytes(codec.encode(P.ERROR, 0, {"type": "Refused", "message": why, "traceback": ""}))
+            await link.send(codec.encode(P.ERROR, 0, {"type": "Refused", "message": why, "traceback": ""}))
             raise HandshakeError(why)
         try:
             self.host = EnvHost(welcome, vectorization=self.vectorization)
         except Exception as exc:  # env creation failed: tell the trainer why
             log.exception("could not create %s", welcome.env_id)
-            await ws.send_bytes(codec.encode(P.ERROR, 0, P.error_body(exc)))
+            await link.send(codec.encode(P.ERROR, 0, P.error_body(exc)))
             raise HandshakeError(f"could not create env {welcome.env_id!r}: {exc}") from exc
-        await ws.send_bytes(codec.encode(P.READY, 0, self.host.ready_body()))
-        msg = await receive_message(ws, 60, "during the handshake")
+        await link.send(codec.encode(P.READY, 0, self.host.ready_body()))
+        msg = await link.receive(60)
         if msg.kind == P.REFUSE:
             raise HandshakeError(P.parse_reason(msg.body), retry=P.parse_retry(msg.body))
         if msg.kind != P.ACCEPT:
@@ -265,12 +275,12 @@ class Worker:
         log.info("hosting %d x %s as envs %d..%d", welcome.num_envs, welcome.env_id,
                  welcome.first_index, welcome.first_index + welcome.num_envs - 1)
         if not welcome.heartbeat:
-            await self._serve(ws)
+            await link.serve()
             return
         # The trainer pings a worker it has not heard from for `heartbeat` s; hearing
         # nothing for 3 heartbeats means it is gone (a pulled cable, a sleeping PC).
         limit = 3 * welcome.heartbeat
-        serve = asyncio.ensure_future(self._serve(ws))
+        serve = asyncio.ensure_future(link.serve())
         silent = asyncio.ensure_future(self._watch_trainer(serve, limit))
         try:
             await serve
@@ -293,6 +303,7 @@ class Worker:
         return False
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Answer requests with aiohttp's message API (when the transport cannot be taken over)."""
         host = self.host
         receive, send = ws.receive, ws.send_bytes
         BINARY, PING = aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.PING
@@ -310,22 +321,27 @@ class Worker:
                 if msg.type == aiohttp.WSMsgType.ERROR:
                     raise ConnectionResetError(f"connection error: {ws.exception()!r}")
                 continue  # text frames are not part of the protocol: ignore them
-            try:
-                req = codec.decode(msg.data)
-            except ProtocolError as exc:
-                log.warning("ignoring a malformed request: %s", exc)
-                await send(codec.encode(P.ERROR, 0, P.error_body(exc)))
-                continue
-            try:
-                body = req.body if req.kind == P.STEP else codec.writable(req.body)
-                result = host.handle(req.kind, body)
-                frame = codec.encode(P.OK, req.id, result)
-            except Exception as exc:  # the env's error goes back to the trainer
-                frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
+            frame, closing = self.answer(host, msg.data)
             await send(frame)
             self._last_rx = now()  # a long step is not silence
-            if req.kind == P.CLOSE:
+            if closing:
                 raise _Closed()
+
+    @staticmethod
+    def answer(host: EnvHost, data: Any) -> tuple[bytes, bool]:
+        """The reply frame to one request, and whether it was the trainer's close."""
+        try:
+            req = codec.decode(data)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed request: %s", exc)
+            return codec.encode(P.ERROR, 0, P.error_body(exc)), False
+        try:
+            body = req.body if req.kind == P.STEP else codec.writable(req.body)
+            result = host.handle(req.kind, body)
+            frame = codec.encode(P.OK, req.id, result)
+        except Exception as exc:  # the env's error goes back to the trainer
+            frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
+        return frame, req.kind == P.CLOSE
 
     def _close_envs(self) -> None:
         if self.host is not None:
@@ -334,6 +350,111 @@ class Worker:
             except Exception:
                 log.exception("error while closing envs")
             self.host = None
+
+
+class _AiohttpLink:
+    """The rest of a session on aiohttp's own message API: the portable fallback."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, worker: Worker) -> None:
+        self.ws, self.worker = ws, worker
+
+    async def send(self, frame: bytes) -> None:
+        await self.ws.send_bytes(frame)
+
+    async def receive(self, timeout: float) -> codec.Message:
+        return await receive_message(self.ws, timeout, "during the handshake")
+
+    async def serve(self) -> None:
+        await self.worker._serve(self.ws)
+
+    def end(self) -> None:
+        pass  # aiohttp closes its own connection
+
+
+class _WireLink:
+    """The rest of a session on a :class:`~ws_gym.wire.FrameConnection`: each
+    request is answered inside the transport's ``data_received``."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, worker: Worker, transport: asyncio.Transport) -> None:
+        self.worker = worker
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self._inbox: list = []  # handshake messages not yet received
+        self._waiter: asyncio.Future | None = None
+        self._serving = False
+        self.wire, self._aiohttp = FrameConnection.take_over(
+            transport, client=True, max_size=worker.max_msg_size, loop=self.loop,
+            on_message=self._on_message, on_control=self._heard,
+        )
+
+    @classmethod
+    def take_over(cls, ws: aiohttp.ClientWebSocketResponse, worker: Worker) -> "_WireLink | None":
+        """A link on the connection's transport, or None where aiohttp does not
+        show it (its ``_conn`` is private): then the session stays on aiohttp's API."""
+        if loops.switched_off("WS_GYM_WIRE"):
+            return None
+        conn = getattr(ws, "_conn", None)
+        transport = getattr(conn, "transport", None)
+        if not all(hasattr(transport, m) for m in ("set_protocol", "get_protocol", "write", "writelines")):
+            log.debug("aiohttp's connection transport is not reachable; using its message API")
+            return None
+        log.info("serving on the frame layer (%s)", type(transport).__name__)
+        return cls(ws, worker, transport)
+
+    def _heard(self) -> None:
+        self.worker._last_rx = self.loop.time()
+
+    def _on_message(self, data: Any) -> None:
+        worker = self.worker
+        worker._last_rx = self.loop.time()
+        if not self._serving:  # still in the handshake: for receive()
+            self._inbox.append(data)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+            return
+        frame, closing = worker.answer(worker.host, data)
+        self.wire.send(frame)
+        worker._last_rx = self.loop.time()  # a long step is not silence
+        if closing:
+            raise _Closed()  # ends the connection: `done` raises it in serve()
+
+    async def send(self, frame: bytes) -> None:
+        self.wire.send(frame)
+
+    async def receive(self, timeout: float) -> codec.Message:
+        if not self._inbox:
+            self._waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.wait([self._waiter, self.wire.done],
+                                                    return_when=asyncio.FIRST_COMPLETED), timeout)
+            finally:
+                self._waiter = None
+            if not self._inbox:
+                self._outcome()  # raises why the connection ended
+        return codec.decode(self._inbox.pop(0))
+
+    def _outcome(self) -> None:
+        try:
+            self.wire.done.result()
+        except _Closed:
+            raise
+        except (ConnectionError, OSError, ProtocolError) as exc:  # a FrameError is a ProtocolError
+            raise ConnectionResetError(f"connection error: {exc!r}") from None
+        raise ConnectionResetError("the trainer closed the connection")
+
+    async def serve(self) -> None:
+        self._serving = True
+        for data in self._inbox:  # requests that came with the accept
+            self._on_message(data)
+        self._inbox.clear()
+        await asyncio.wait([self.wire.done])
+        self._outcome()
+
+    def end(self) -> None:
+        """Close the connection and hand it back to aiohttp, closed, for its cleanup."""
+        if not self.wire.done.done():
+            self.wire.close(1000)
+        hand_back(self.transport, self._aiohttp)
 
 
 def _exit_with_parent() -> None:

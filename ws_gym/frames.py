@@ -1,0 +1,227 @@
+"""WebSocket framing (RFC 6455), sans-I/O: bytes in, messages out.
+
+aiohttp does the HTTP upgrade and the handshake's first messages; after that
+both sides read and write frames with this module (see :mod:`ws_gym.wire`),
+which costs a fraction of aiohttp's message API per frame. Nothing here owns a
+socket: :class:`FrameParser` takes received bytes and returns whole messages,
+:func:`frame` turns a payload into the bytes to send.
+
+Only what ws_gym's peers need: no extensions (a frame with a reserved bit set
+is refused), fragmented messages are reassembled, control frames may come
+between fragments, frames from a client must be masked and frames from a
+server must not be.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import numpy as np
+
+from .errors import ProtocolError
+
+__all__ = [
+    "FrameError", "FrameParser", "frame", "mask", "close_payload", "parse_close",
+    "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
+]
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_DATA_OPS = (OP_TEXT, OP_BINARY)
+_CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_TOO_BIG = 1009
+
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+_SMALL = 2048  # below this, masking with Python ints beats numpy's call overhead
+_randbits = random.getrandbits  # masking keys need not be secret; aiohttp uses the same
+
+
+class FrameError(ProtocolError):
+    """The peer broke RFC 6455 framing; ``code`` is the close code to send."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def mask(payload: bytes | bytearray | memoryview, key: bytes, *, inplace: bool = False) -> bytes | bytearray:
+    """``payload`` XOR the 4-byte ``key`` repeated (masking and unmasking alike).
+
+    ``inplace`` (``payload`` a bytearray): overwrite it instead of copying.
+    """
+    n = len(payload)
+    if n < _SMALL:
+        if not n:
+            return b""
+        k = int.from_bytes((key * (n // 4 + 1))[:n], "little")
+        result = (int.from_bytes(payload, "little") ^ k).to_bytes(n, "little")
+        if inplace:
+            payload[:] = result
+            return payload
+        return result
+    out = payload if inplace else bytearray(n)
+    n8 = n - n % 8
+    word = np.frombuffer(key * 2, dtype=np.uint64)[0]
+    np.bitwise_xor(np.frombuffer(payload, dtype=np.uint64, count=n8 // 8), word,
+                   out=np.frombuffer(out, dtype=np.uint64, count=n8 // 8))
+    if n8 < n:  # n8 is a multiple of 4: the key lines up again
+        out[n8:] = mask(bytes(memoryview(payload)[n8:]), key)
+    return out
+
+
+def frame(opcode: int, payload: bytes | bytearray | memoryview = b"", *, masked: bool = False) -> list:
+    """The bytes of one final frame: ``[header, payload]`` (a client masks its payload)."""
+    n = len(payload)
+    mbit = 0x80 if masked else 0
+    b0 = 0x80 | opcode
+    if n < 126:
+        head = bytes((b0, mbit | n))
+    elif n < 65536:
+        head = _HEAD16.pack(b0, mbit | 126, n)
+    else:
+        head = _HEAD64.pack(b0, mbit | 127, n)
+    if not masked:
+        return [head, payload]
+    key = _randbits(32).to_bytes(4, "little")
+    return [head + key, mask(payload, key)]
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    return _U16.pack(code) + reason.encode("utf-8")[:123]
+
+
+def parse_close(payload: bytes | bytearray | memoryview) -> tuple[int, str]:
+    """(code, reason) of a close frame's payload; 1005 (no code) when empty."""
+    if len(payload) < 2:
+        return 1005, ""
+    (code,) = _U16.unpack_from(payload, 0)
+    return code, bytes(payload[2:]).decode("utf-8", "replace")
+
+
+class FrameParser:
+    """Turns the bytes of one direction of a WebSocket into whole messages.
+
+    ``feed(data)`` returns a list of ``(opcode, payload)``: data messages
+    (fragments joined) and control frames, in order. Anything that breaks the
+    framing raises :class:`FrameError`, and the parser takes nothing more.
+    ``max_size`` bounds a message before any of its payload is stored.
+    """
+
+    def __init__(self, *, max_size: int, masked: bool) -> None:
+        self.max_size = max_size
+        self.masked = masked  # frames must carry a mask (we are the server)
+        self._head = b""  # an incomplete header
+        self._body: bytearray | None = None  # the payload being filled
+        self._filled = 0
+        self._pending: tuple[bool, int, bytes | None] = (True, 0, None)  # fin, opcode, key of _body
+        self._parts: list | None = None  # fragments of a data message
+        self._parts_op = 0
+        self._parts_size = 0
+        self.broken: FrameError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes | bytearray | memoryview]]:
+        if self.broken is not None:
+            return []
+        try:
+            return self._feed(data)
+        except FrameError as exc:
+            self.broken = exc
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list:
+        out: list = []
+        if self._head:
+            data = self._head + bytes(data)
+            self._head = b""
+        view = memoryview(data)
+        n = len(data)
+        pos = 0
+        while pos < n:
+            body = self._body
+            if body is not None:  # a payload that spans several reads
+                take = min(n - pos, len(body) - self._filled)
+                body[self._filled : self._filled + take] = view[pos : pos + take]
+                self._filled += take
+                pos += take
+                if self._filled == len(body):
+                    self._body = None
+                    fin, op, key = self._pending
+                    self._frame(fin, op, mask(body, key, inplace=True) if key is not None else body, out)
+                continue
+            if n - pos < 2:
+                self._head = bytes(view[pos:])
+                break
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
+            has_mask = b1 & 0x80
+            need = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if has_mask else 0)
+            if n - pos < need:
+                self._head = bytes(view[pos:])
+                break
+            if b0 & 0x70:
+                raise FrameError(CLOSE_PROTOCOL_ERROR, "a frame has reserved bits set (no extension was negotiated)")
+            fin = bool(b0 & 0x80)
+            op = b0 & 0x0F
+            if bool(has_mask) != self.masked:
+                raise FrameError(CLOSE_PROTOCOL_ERROR,
+                                 "a client frame is not masked" if self.masked else "a server frame is masked")
+            at = pos + 2
+            if length == 126:
+                (length,) = _U16.unpack_from(data, at)
+                at += 2
+            elif length == 127:
+                (length,) = _U64.unpack_from(data, at)
+                at += 8
+            key = bytes(view[at : at + 4]) if has_mask else None
+            at += 4 if has_mask else 0
+            if op in _CONTROL_OPS:
+                if not fin or length > 125:
+                    raise FrameError(CLOSE_PROTOCOL_ERROR, "a control frame is fragmented or over 125 bytes")
+            elif op in _DATA_OPS or op == OP_CONT:
+                if op == OP_CONT and self._parts is None:
+                    raise FrameError(CLOSE_PROTOCOL_ERROR, "a continuation frame without a message to continue")
+                if op != OP_CONT and self._parts is not None:
+                    raise FrameError(CLOSE_PROTOCOL_ERROR, "a new message began before the last one ended")
+                total = length + (self._parts_size if op == OP_CONT else 0)
+                if total > self.max_size:
+                    raise FrameError(CLOSE_TOO_BIG, f"a message of {total} bytes exceeds the limit of {self.max_size}")
+            else:
+                raise FrameError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op:#x}")
+            pos = at
+            if n - pos >= length:
+                payload = view[pos : pos + length]
+                pos += length
+                self._frame(fin, op, mask(payload, key) if key is not None else payload, out)
+            else:
+                self._body = bytearray(length)
+                self._filled = 0
+                self._pending = (fin, op, key)
+        return out
+
+    def _frame(self, fin: bool, op: int, payload: bytes | bytearray | memoryview, out: list) -> None:
+        if op in _CONTROL_OPS:
+            out.append((op, bytes(payload)))
+            return
+        if op == OP_CONT:
+            assert self._parts is not None
+            self._parts.append(payload)
+            self._parts_size += len(payload)
+            if fin:
+                out.append((self._parts_op, b"".join(self._parts)))
+                self._parts = None
+            return
+        if fin:
+            out.append((op, payload))
+        else:
+            self._parts = [bytes(payload)]
+            self._parts_op = op
+            self._parts_size = len(payload)

@@ -1,0 +1,164 @@
+"""A WebSocket's data plane once aiohttp has upgraded the connection.
+
+aiohttp's message API costs a task wake-up, a queue and several layers of
+checks per frame; at thousands of steps a second that is most of a step's CPU.
+So after the upgrade (and, on the worker, the first handshake message) each
+side moves the connection's transport to a :class:`FrameConnection` with
+``transport.set_protocol`` (public asyncio API, uvloop too): frames are parsed
+by :class:`ws_gym.frames.FrameParser` inside ``data_received`` and each message
+is handled there and then; replies are written straight to the transport.
+
+What goes over the wire is unchanged: peers on aiohttp's own API (or any
+RFC 6455 implementation) talk to it as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from . import frames as F
+
+log = logging.getLogger("ws_gym")
+
+
+class FrameConnection(asyncio.Protocol):
+    """Reads and writes WebSocket frames on a transport taken over from aiohttp.
+
+    ``on_message(payload)`` is called for every binary message, inside
+    ``data_received``. Pings are answered, text messages are ignored, a close
+    frame is answered and ends the connection. :attr:`done` resolves when the
+    connection ends: ``(code, reason)`` of the peer's close frame, or the
+    exception that ended it (a framing error, a lost connection, or an
+    exception raised by ``on_message``).
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        *,
+        client: bool,
+        max_size: int,
+        on_message: Callable[[Any], None],
+        loop: asyncio.AbstractEventLoop,
+        on_control: Callable[[], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.client = client  # a client masks what it sends; a server expects masked frames
+        self.parser = F.FrameParser(max_size=max_size, masked=not client)
+        self.on_message = on_message
+        self.on_control = on_control  # any frame at all arrived (heartbeats)
+        self.done: asyncio.Future = loop.create_future()
+        self.close_sent = False
+        self.close_code: int | None = None  # the code we closed with, if we did
+        self._write = transport.write
+        self._writelines = transport.writelines
+
+    @classmethod
+    def take_over(cls, transport: asyncio.Transport, **kwargs: Any) -> tuple["FrameConnection", Any]:
+        """Install a FrameConnection on ``transport``; returns it and aiohttp's protocol."""
+        previous = transport.get_protocol()
+        conn = cls(transport, **kwargs)
+        transport.set_protocol(conn)
+        return conn, previous
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.parser.feed(data)
+        except F.FrameError as exc:
+            self._fail(exc, exc.code, exc.reason)
+            return
+        for op, payload in messages:
+            if op == F.OP_BINARY:
+                try:
+                    self.on_message(payload)
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits `done`
+                    self._fail(exc)
+                    return
+            elif op == F.OP_PING:
+                if not self.close_sent:
+                    self._send(F.OP_PONG, payload)
+            elif op == F.OP_CLOSE:
+                code, reason = F.parse_close(payload)
+                if not self.close_sent:
+                    self._send(F.OP_CLOSE, F.close_payload(code if code != 1005 else F.CLOSE_NORMAL))
+                    self.close_sent = True
+                self.transport.close()
+                self._resolve((code, reason))
+                return
+            # pongs and text messages need nothing; any frame at all counts as life
+            if self.on_control is not None and op != F.OP_BINARY:
+                self.on_control()
+            if self.done.done():
+                return
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._resolve(exc if exc is not None else ConnectionResetError("the peer closed the connection"))
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, payload: bytes | bytearray | memoryview) -> None:
+        """Write one binary message (raises ConnectionResetError once closed)."""
+        if self.close_sent or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self._send(F.OP_BINARY, payload)
+
+    def ping(self, payload: bytes = b"") -> None:
+        if self.close_sent or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self._send(F.OP_PING, payload)
+
+    def _send(self, op: int, payload: bytes | bytearray | memoryview) -> None:
+        head, body = F.frame(op, payload, masked=self.client)
+        if len(body) < 4096:
+            self._write(head + bytes(body) if type(body) is not bytes else head + body)
+        else:
+            self._writelines((head, body))
+
+    def close(self, code: int = F.CLOSE_NORMAL, reason: str = "") -> None:
+        """Send a close frame and close the transport once it is written."""
+        if not self.close_sent and not self.transport.is_closing():
+            self._send(F.OP_CLOSE, F.close_payload(code, reason))
+        self.close_sent = True
+        self.close_code = code
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    # -- ending ----------------------------------------------------------------
+
+    def _fail(self, exc: BaseException, code: int | None = None, reason: str = "") -> None:
+        if code is not None:
+            self.close(code, reason[:120])
+        else:
+            self.transport.close()
+        self._resolve(exc)
+
+    def _resolve(self, value: Any) -> None:
+        if self.done.done():
+            return
+        if isinstance(value, BaseException):
+            self.done.set_exception(value)
+            self.done.exception()  # retrieved: no "exception was never retrieved" if nobody waits
+        else:
+            self.done.set_result(value)
+
+
+def hand_back(transport: asyncio.Transport, previous: Any, exc: Exception | None = None) -> None:
+    """Give the ended connection back to aiohttp's protocol, as closed, so that
+    aiohttp cleans up as after any disconnect."""
+    try:
+        transport.set_protocol(previous)
+    except Exception:  # noqa: BLE001 - a transport that is gone already
+        pass
+    try:
+        previous.connection_lost(exc)
+    except Exception as err:  # noqa: BLE001 - aiohttp's own cleanup; log, never raise
+        log.debug("aiohttp cleanup after a taken-over connection: %r", err)
