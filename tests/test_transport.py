@@ -63,3 +63,31 @@ def test_local_workers_use_a_private_unix_socket(monkeypatch, unix):
             assert not os.path.exists(os.path.dirname(path))
     finally:
         envs.close()
+
+
+# The frame layer (ws_gym/wire.py) takes each connection over from aiohttp after
+# the upgrade; a worker whose aiohttp hides the transport stays on aiohttp's own
+# message API (WS_GYM_WIRE=0 forces that), and the trainer's caller thread writes
+# requests itself unless WS_GYM_DIRECT=0. Every mix must give the same results.
+@pytest.mark.parametrize("worker_wire, direct", [("1", "1"), ("0", "1"), ("1", "0"), ("0", "0")])
+def test_frame_layer_and_its_fallbacks(monkeypatch, cli_workers, worker_wire, direct):
+    monkeypatch.setenv("WS_GYM_DIRECT", direct)
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=4, env_id="CartPole-v1", port=0)
+    try:
+        procs = [cli_workers.start("--url", envs.url, "--num-envs", "2", "--log-level", "DEBUG",
+                                   env={"WS_GYM_WIRE": worker_wire}) for _ in range(2)]
+        run_and_compare(envs)
+        conns = envs._trainer.pool._ordered_all()
+        assert len(conns) == 2
+        for conn in conns:  # the trainer's side is always on the frame layer
+            assert type(conn.transport.get_protocol()).__name__ == "FrameConnection"
+            assert conn.wire.direct == (direct == "1" and sys.platform != "win32")
+        envs.close()
+        for proc in procs:
+            code, out = cli_workers.finish(proc)
+            assert code == 0, out
+            # Fails loudly if aiohttp stops showing the connection's transport:
+            # the worker would then fall back to aiohttp's slower message API.
+            assert ("serving on the frame layer" in out) == (worker_wire == "1"), out
+    finally:
+        envs.close()

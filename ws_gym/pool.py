@@ -223,6 +223,8 @@ class WorkerPool:
         self._serving: tuple[int, list] = (-1, [])
         self._req_ids = itertools.count(1)
         self._call_lock = threading.Lock()
+        self._plock = threading.Lock()  # conn.alive and conn.pending, between caller and loop
+        self._direct = not loops.switched_off("WS_GYM_DIRECT")  # caller-thread writes (see wire.py)
         self._closing = False
         self._closed = False
         self._loop = loops.new_event_loop()
@@ -434,6 +436,8 @@ class WorkerPool:
             on_message=functools.partial(self._on_reply, conn),
             on_control=functools.partial(self._on_control, conn),
         )
+        if self._direct:
+            conn.wire.enable_direct()
         conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
         with self._cond:
             conn.active = True
@@ -482,21 +486,23 @@ class WorkerPool:
         With ``on_worker_lost="wait"`` a step or reset does not fail: the lost
         worker's part of it becomes :data:`LOST` and the caller fills it in.
         """
-        if not conn.alive:
-            return
-        conn.alive = False
+        with self._plock:  # no request is registered for it after this (see _send_direct)
+            if not conn.alive:
+                return
+            conn.alive = False
+            owed = list(conn.pending.values())
+            conn.pending.clear()
         was_active = conn.active
         conn.active = False
         self._version += 1
         self._release(conn)
-        if conn.pending:
+        if owed:
             exc = WorkerLostError(f"{conn.origin} {why} during a call")
-            for call, idx in conn.pending.values():
+            for call, idx in owed:
                 if call.tolerant:
                     call.answer(idx, LOST)
                 else:
                     call.fail(exc)
-            conn.pending.clear()
         if cut_off and conn.transport is not None:
             conn.transport.abort()  # nothing more is read from or sent to it
         if was_active and not self._closing:
@@ -533,9 +539,11 @@ class WorkerPool:
             # (a clear error at once, not a StepTimeoutError later); replies still
             # on their way for those ids are ignored as unknown.
             err = ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
-            for call, _ in pending.values():
+            with self._plock:
+                owed = list(pending.values())
+                pending.clear()
+            for call, _ in owed:
                 call.fail(err)
-            pending.clear()
             return
         entry = pending.pop(reply.id, None)
         if entry is None:
@@ -549,9 +557,44 @@ class WorkerPool:
         else:
             call.fail(ProtocolError(f"{conn.origin} answered with kind {reply.kind!r}"))
 
+    def _send_direct(self, call: _Call, batch: list) -> list:
+        """On the caller's thread: write the requests to workers whose socket
+        takes them at once; returns ``(index, conn, id, frame)`` of the others,
+        for :meth:`_dispatch` on the loop thread.
+
+        The call's bookkeeping stays on the loop thread: a failure here is
+        handed to :meth:`_send_failed` there.
+        """
+        rest = []
+        plock = self._plock
+        for idx, (conn, rid, frame) in enumerate(batch):
+            wire = conn.wire
+            if wire is None or not wire.direct:
+                rest.append((idx, conn, rid, frame))
+                continue
+            with plock:
+                if not conn.alive:
+                    rest.append((idx, conn, rid, frame))  # _dispatch says LOST or fails the call
+                    continue
+                conn.pending[rid] = (call, idx)
+            try:
+                wire.send_from_thread(frame)
+            except ConnectionError as exc:
+                self._loop.call_soon_threadsafe(self._send_failed, call, idx, conn, rid, str(exc))
+        return rest
+
+    def _send_failed(self, call: _Call, idx: int, conn: WorkerConn, rid: int, why: str) -> None:
+        if conn.pending.pop(rid, None) is None:  # answered already: the worker was dropped
+            return
+        if call.tolerant:  # wait mode: the worker is lost, its part becomes LOST
+            call.answer(idx, LOST)
+            self._drop(conn, why, cut_off=True)
+        else:
+            call.fail(WorkerLostError(f"{conn.origin}: {why}"))
+
     def _dispatch(self, call: _Call, items: list) -> None:
         """On the loop thread: register the requests and write their frames."""
-        for idx, (conn, rid, _) in enumerate(items):
+        for idx, conn, rid, _ in items:
             if not conn.alive:
                 if call.tolerant:  # wait mode: lost after the caller's layout(), before this
                     call.answer(idx, LOST)
@@ -561,7 +604,7 @@ class WorkerPool:
             conn.pending[rid] = (call, idx)
         if call.done:  # every worker was lost already
             return
-        for conn, rid, frame in items:
+        for _, conn, rid, frame in items:
             if rid not in conn.pending:  # lost meanwhile (wait mode: its part is LOST already)
                 continue
             try:
@@ -728,10 +771,14 @@ class WorkerPool:
             call = _Call(len(batch))
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode
-            if batch:
-                self._loop.call_soon_threadsafe(self._dispatch, call, batch)
-            else:
+            if not batch:
                 call.finish()
+            elif self._direct:
+                rest = self._send_direct(call, batch)
+                if rest:
+                    self._loop.call_soon_threadsafe(self._dispatch, call, rest)
+            else:
+                self._loop.call_soon_threadsafe(self._dispatch, call, [(i, *b) for i, b in enumerate(batch)])
             return call
 
     def wait(self, call: "_Call", timeout: float | None) -> list[Any]:

@@ -10,12 +10,20 @@ is handled there and then; replies are written straight to the transport.
 
 What goes over the wire is unchanged: peers on aiohttp's own API (or any
 RFC 6455 implementation) talk to it as before.
+
+:meth:`FrameConnection.send_from_thread` lets the trainer's caller thread write
+a request itself, on a duplicate of the socket, so a step does not wait for the
+event loop thread to wake up; writes from both threads are ordered by one lock,
+and whatever the socket does not take at once goes through the loop as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import threading
 from typing import Any, Callable
 
 from . import frames as F
@@ -54,6 +62,10 @@ class FrameConnection(asyncio.Protocol):
         self.close_code: int | None = None  # the code we closed with, if we did
         self._write = transport.write
         self._writelines = transport.writelines
+        self._loop = loop
+        self._wlock = threading.Lock()  # orders writes from the loop and from send_from_thread
+        self._direct: socket.socket | None = None  # a duplicate of the socket (see enable_direct)
+        self._queued: list = []  # bytes for the loop to write, in order (send_from_thread's overflow)
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, **kwargs: Any) -> tuple["FrameConnection", Any]:
@@ -99,9 +111,59 @@ class FrameConnection(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._drop_direct()
         self._resolve(exc if exc is not None else ConnectionResetError("the peer closed the connection"))
 
     # -- sending ---------------------------------------------------------------
+
+    @property
+    def direct(self) -> bool:
+        """Whether :meth:`send_from_thread` may be used."""
+        return self._direct is not None
+
+    def enable_direct(self) -> bool:
+        """Allow :meth:`send_from_thread` (plain sockets only: TLS encrypts in the loop)."""
+        if self.transport.get_extra_info("sslcontext") is not None or os.name != "posix":
+            return False
+        sock = self.transport.get_extra_info("socket")
+        try:
+            self._direct = socket.socket(fileno=os.dup(sock.fileno()))  # shares O_NONBLOCK
+        except (AttributeError, OSError, ValueError) as exc:
+            log.debug("no direct writes on this connection: %r", exc)
+            return False
+        return True
+
+    def send_from_thread(self, payload: bytes | bytearray | memoryview) -> None:
+        """Write one binary message from any thread (raises ConnectionResetError once closed)."""
+        head, body = F.frame(F.OP_BINARY, payload, masked=self.client)
+        data = head + body if len(body) < 65536 else None
+        with self._wlock:
+            sock = self._direct
+            if sock is None or self.close_sent:
+                raise ConnectionResetError("the connection is closed")
+            queued = self._queued
+            if not queued and not self.transport.get_write_buffer_size():
+                try:
+                    n = sock.send(data) if data is not None else sock.sendmsg((head, body))
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    raise ConnectionResetError(f"send failed: {exc}") from None
+                total = len(head) + len(body)
+                if n == total:
+                    return
+                rest = (data if data is not None else head + bytes(body))[n:]
+            else:
+                rest = data if data is not None else head + bytes(body)
+            queued.append(rest)
+            if len(queued) == 1:
+                self._loop.call_soon_threadsafe(self._flush_queued)
+
+    def _flush_queued(self) -> None:
+        with self._wlock:
+            queued, self._queued = self._queued, []
+            if not self.transport.is_closing():
+                self._writelines(queued)
 
     def send(self, payload: bytes | bytearray | memoryview) -> None:
         """Write one binary message (raises ConnectionResetError once closed)."""
@@ -116,21 +178,41 @@ class FrameConnection(asyncio.Protocol):
 
     def _send(self, op: int, payload: bytes | bytearray | memoryview) -> None:
         head, body = F.frame(op, payload, masked=self.client)
+        if self._direct is not None:  # keep the order with send_from_thread's writes
+            with self._wlock:
+                if self._queued:
+                    self._flush_queued_locked()
+                self._writelines((head, body))
+            return
         if len(body) < 4096:
             self._write(head + bytes(body) if type(body) is not bytes else head + body)
         else:
             self._writelines((head, body))
 
+    def _flush_queued_locked(self) -> None:
+        queued, self._queued = self._queued, []
+        self._writelines(queued)
+
     def close(self, code: int = F.CLOSE_NORMAL, reason: str = "") -> None:
         """Send a close frame and close the transport once it is written."""
         if not self.close_sent and not self.transport.is_closing():
             self._send(F.OP_CLOSE, F.close_payload(code, reason))
-        self.close_sent = True
+        with self._wlock:
+            self.close_sent = True
         self.close_code = code
         self.transport.close()
 
     def abort(self) -> None:
         self.transport.abort()
+        self._drop_direct()
+
+    def _drop_direct(self) -> None:
+        """Close the duplicate socket: the peer sees the connection end only
+        once every descriptor of the socket is closed."""
+        with self._wlock:
+            sock, self._direct = self._direct, None
+        if sock is not None:
+            sock.close()
 
     # -- ending ----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import random
@@ -265,6 +266,9 @@ class Worker:
             log.exception("could not create %s", welcome.env_id)
             await link.send(codec.encode(P.ERROR, 0, P.error_body(exc)))
             raise HandshakeError(f"could not create env {welcome.env_id!r}: {exc}") from exc
+        # What exists now (modules, envs) lives as long as the session: keep the
+        # collector from scanning it again and again at every step's garbage.
+        gc.freeze()
         await link.send(codec.encode(P.READY, 0, self.host.ready_body()))
         msg = await link.receive(60)
         if msg.kind == P.REFUSE:
@@ -398,7 +402,7 @@ class _WireLink:
         if not all(hasattr(transport, m) for m in ("set_protocol", "get_protocol", "write", "writelines")):
             log.debug("aiohttp's connection transport is not reachable; using its message API")
             return None
-        log.info("serving on the frame layer (%s)", type(transport).__name__)
+        log.debug("serving on the frame layer (%s)", type(transport).__name__)
         return cls(ws, worker, transport)
 
     def _heard(self) -> None:
