@@ -307,8 +307,7 @@ class WorkerPool:
                 self._pending_handshakes -= 1
                 pending = False
             if conn is not None:
-                await self._read_replies(conn)
-                conn.wire.abort()  # any data still buffered is of no use now
+                await self._read_replies(conn)  # returns once the transport is closed or closing
         except (asyncio.TimeoutError, TimeoutError):
             log.warning("worker at %s did not finish its handshake in time", peer)
         except (ProtocolError, HandshakeError) as exc:

@@ -348,6 +348,7 @@ class Worker:
         return frame, req.kind == P.CLOSE
 
     def _close_envs(self) -> None:
+        gc.unfreeze()  # the session's objects may be collected again (a reconnect makes new ones)
         if self.host is not None:
             try:
                 self.host.close()
