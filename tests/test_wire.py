@@ -1,0 +1,143 @@
+"""The frame layer on real sockets: FrameConnection over a socket pair, and big
+messages through a trainer and its workers (writes the socket cannot take at
+once, payloads that arrive in many reads)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ws_gym  # noqa: F401  (registers ws_gym/Remote-v0)
+from ws_gym import frames as F
+from ws_gym import loops
+from ws_gym.wire import FrameConnection
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="direct writes are POSIX only")
+
+
+class _Sink(asyncio.Protocol):
+    """A placeholder protocol: FrameConnection.take_over replaces it."""
+
+
+def _read_frames(sock: socket.socket, parser: F.FrameParser, want: int, timeout: float = 20.0) -> list:
+    sock.settimeout(timeout)
+    got: list = []
+    while len(got) < want:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        got += [(op, bytes(p)) for op, p in parser.feed(data)]
+    return got
+
+
+@posix_only
+def test_writes_from_a_thread_and_from_the_loop_keep_their_order():
+    """send_from_thread (caller's thread) and the loop's own writes (pings) share
+    one socket: every frame must arrive whole, in the order each side wrote it,
+    also when the socket buffer fills and the overflow goes through the loop."""
+    loop = loops.new_event_loop()
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # fill it quickly
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        async def setup():
+            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
+            conn, _ = FrameConnection.take_over(transport, client=False, max_size=1 << 30,
+                                                on_message=lambda data: None, loop=loop)
+            assert conn.enable_direct()
+            return conn
+
+        conn = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
+        flushes: list = []
+        flush = conn._flush_queued
+        conn._flush_queued = lambda: (flushes.append(1), flush())  # count the loop's overflow writes
+        sizes = [10, 70_000, 5, 300_000, 126, 65_536, 1] * 6
+        payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+
+        def pings():
+            for i in range(40):
+                conn.ping(str(i).encode())
+
+        rounds = len(range(0, len(payloads), 7))
+        results: list = []
+        reader = threading.Thread(target=lambda: results.extend(
+            _read_frames(peer, F.FrameParser(max_size=1 << 30, masked=False), len(payloads) + 40 * rounds)))
+        reader.start()
+        for i, payload in enumerate(payloads):
+            conn.send_from_thread(payload)
+            if i % 7 == 0:
+                loop.call_soon_threadsafe(pings)
+        reader.join(30)
+        assert not reader.is_alive()
+        binary = [p for op, p in results if op == F.OP_BINARY]
+        pinged = [p for op, p in results if op == F.OP_PING]
+        assert flushes, "the socket took everything at once: the overflow path was not tried"
+        assert binary == payloads  # whole and in order, big ones included
+        assert pinged == [str(i).encode() for _ in range(rounds) for i in range(40)]  # whole, in order
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
+        conn.abort()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        peer.close()
+
+
+def test_a_closed_connection_refuses_writes_and_the_peer_sees_the_end():
+    loop = loops.new_event_loop()
+    ours, peer = socket.socketpair()
+    try:
+        async def run():
+            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
+            conn, _ = FrameConnection.take_over(transport, client=False, max_size=1000,
+                                                on_message=lambda data: None, loop=loop)
+            conn.enable_direct()
+            conn.close(F.CLOSE_GOING_AWAY, "bye")
+            with pytest.raises(ConnectionResetError):
+                conn.send(b"late")
+            with pytest.raises(ConnectionResetError):
+                conn.send_from_thread(b"late")
+            await asyncio.wait_for(asyncio.wait([conn.done]), 5)
+            return conn
+
+        loop.run_until_complete(run())
+        peer.settimeout(5)
+        data = b""
+        while True:  # the close frame, then the end of the stream: no descriptor left open
+            chunk = peer.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        (op, payload), = F.FrameParser(max_size=1000, masked=False).feed(data)
+        assert op == F.OP_CLOSE and F.parse_close(payload) == (1001, "bye")
+    finally:
+        loop.close()
+        peer.close()
+
+
+def test_big_messages_both_ways_through_workers():
+    """Megabytes in a request and in the reply: writes the socket cannot take at
+    once (direct writes overflow into the loop) and payloads spread over many
+    reads (the parser fills, then unmasks, one buffer)."""
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=4, env_id="tests.envs:Fancy-v0", port=0, local_workers=2)
+    try:
+        envs.reset(seed=0)
+        rng = np.random.default_rng(0)
+        blobs = [rng.integers(0, 255, size=3_000_000 + i, dtype=np.uint8) for i in range(4)]
+        envs.set_attr("blob", blobs)
+        back = envs.get_attr("blob")
+        assert len(back) == 4
+        for got, sent in zip(back, blobs):
+            np.testing.assert_array_equal(got, sent)
+        obs, *_ = envs.step(envs.action_space.sample())  # and stepping goes on
+        assert envs.observation_space.contains(obs)
+    finally:
+        envs.close()
