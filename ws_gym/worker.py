@@ -403,8 +403,13 @@ class _WireLink:
         if not all(hasattr(transport, m) for m in ("set_protocol", "get_protocol", "write", "writelines")):
             log.debug("aiohttp's connection transport is not reachable; using its message API")
             return None
+        try:
+            link = cls(ws, worker, transport)
+        except (NotImplementedError, RuntimeError) as exc:  # a transport that cannot switch protocols
+            log.debug("cannot take the connection over (%r); using aiohttp's message API", exc)
+            return None
         log.debug("serving on the frame layer (%s)", type(transport).__name__)
-        return cls(ws, worker, transport)
+        return link
 
     def _heard(self) -> None:
         self.worker._last_rx = self.loop.time()
