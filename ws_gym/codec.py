@@ -317,7 +317,16 @@ def _unpack(node: Any, arrays: list, depth: int) -> Any:
         return {}
     first = next(iter(node))
     if not first.startswith("$"):
-        return {k: _unpack(v, arrays, depth + 1) for k, v in node.items()}
+        out = {}
+        n = len(arrays)
+        for k, v in node.items():
+            if type(v) is dict and len(v) == 1:  # the common {"$a": n}, without a call per value
+                idx = v.get("$a")
+                if type(idx) is int and 0 <= idx < n:
+                    out[k] = arrays[idx]
+                    continue
+            out[k] = _unpack(v, arrays, depth + 1)
+        return out
     try:
         return _unpack_tagged(first, node, arrays, depth)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
