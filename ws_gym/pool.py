@@ -4,10 +4,11 @@ An aiohttp server runs on its own event loop in a background thread. Workers
 dial in, pass the handshake and are given a contiguous run of env slots; from
 then on the connection's frames are read and written by a
 :class:`~ws_gym.wire.FrameConnection`, not aiohttp's message API. The caller's
-thread (the training loop) encodes requests itself, hands them to the loop
-with one ``call_soon_threadsafe`` per batched call (which writes the frames at
-once), and blocks on a plain ``threading.Lock`` that the loop releases when
-the last reply (or the first error) arrives. Replies are matched to requests
+thread (the training loop) encodes requests and writes them to the workers'
+sockets itself (see :meth:`WorkerPool._send_direct`; over TLS, or when a
+socket does not take a frame at once, one ``call_soon_threadsafe`` hands them
+to the loop), and blocks on a plain ``threading.Lock`` that the loop releases
+when the last reply (or the first error) arrives. Replies are matched to requests
 by id as they are parsed, inside the transport's ``data_received``; a worker
 that disconnects fails its pending requests at once.
 """
