@@ -139,7 +139,7 @@ class FrameParser:
     def _feed(self, data: bytes | bytearray | memoryview) -> list:
         out: list = []
         if self._head:
-            data = self._head + bytes(data)
+            data = self._head + data
             self._head = b""
         view = memoryview(data)
         n = len(data)

@@ -504,7 +504,9 @@ class WorkerPool:
                 else:
                     call.fail(exc)
         if cut_off and conn.transport is not None:
-            conn.transport.abort()  # nothing more is read from or sent to it
+            # nothing more is read from or sent to it (the frame layer's abort also
+            # closes its duplicate socket at once, so the worker sees the cut now)
+            (conn.wire or conn.transport).abort()
         if was_active and not self._closing:
             text = f"{conn.origin} {why}"
             log.warning("%s", text)

@@ -59,7 +59,6 @@ class FrameConnection(asyncio.Protocol):
         self.on_control = on_control  # any frame at all arrived (heartbeats)
         self.done: asyncio.Future = loop.create_future()
         self.close_sent = False
-        self.close_code: int | None = None  # the code we closed with, if we did
         self._write = transport.write
         self._writelines = transport.writelines
         self._loop = loop
@@ -136,34 +135,31 @@ class FrameConnection(asyncio.Protocol):
     def send_from_thread(self, payload: bytes | bytearray | memoryview) -> None:
         """Write one binary message from any thread (raises ConnectionResetError once closed)."""
         head, body = F.frame(F.OP_BINARY, payload, masked=self.client)
-        data = head + body if len(body) < 65536 else None
+        data = head + body if len(body) < 65536 else None  # big bodies: sendmsg, no join
         with self._wlock:
             sock = self._direct
             if sock is None or self.close_sent:
                 raise ConnectionResetError("the connection is closed")
-            queued = self._queued
-            if not queued and not self.transport.get_write_buffer_size():
+            sent = 0
+            if not self._queued and not self.transport.get_write_buffer_size():
                 try:
-                    n = sock.send(data) if data is not None else sock.sendmsg((head, body))
+                    sent = sock.send(data) if data is not None else sock.sendmsg((head, body))
                 except BlockingIOError:
-                    n = 0
+                    pass
                 except OSError as exc:
                     raise ConnectionResetError(f"send failed: {exc}") from None
-                total = len(head) + len(body)
-                if n == total:
+                if sent == len(head) + len(body):
                     return
-                rest = (data if data is not None else head + bytes(body))[n:]
-            else:
-                rest = data if data is not None else head + bytes(body)
-            queued.append(rest)
-            if len(queued) == 1:
+            self._queued.append((data if data is not None else head + body)[sent:])
+            if len(self._queued) == 1:
                 self._loop.call_soon_threadsafe(self._flush_queued)
 
     def _flush_queued(self) -> None:
         with self._wlock:
-            queued, self._queued = self._queued, []
-            if not self.transport.is_closing():
-                self._writelines(queued)
+            if self.transport.is_closing():
+                self._queued = []
+            else:
+                self._flush_queued_locked()
 
     def send(self, payload: bytes | bytearray | memoryview) -> None:
         """Write one binary message (raises ConnectionResetError once closed)."""
@@ -185,7 +181,7 @@ class FrameConnection(asyncio.Protocol):
                 self._writelines((head, body))
             return
         if len(body) < 4096:
-            self._write(head + bytes(body) if type(body) is not bytes else head + body)
+            self._write(head + body)
         else:
             self._writelines((head, body))
 
@@ -199,7 +195,6 @@ class FrameConnection(asyncio.Protocol):
             self._send(F.OP_CLOSE, F.close_payload(code, reason))
         with self._wlock:
             self.close_sent = True
-        self.close_code = code
         self.transport.close()
 
     def abort(self) -> None:

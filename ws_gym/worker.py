@@ -380,7 +380,7 @@ class _WireLink:
     """The rest of a session on a :class:`~ws_gym.wire.FrameConnection`: each
     request is answered inside the transport's ``data_received``."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, worker: Worker, transport: asyncio.Transport) -> None:
+    def __init__(self, worker: Worker, transport: asyncio.Transport) -> None:
         self.worker = worker
         self.transport = transport
         self.loop = asyncio.get_running_loop()
@@ -404,7 +404,7 @@ class _WireLink:
             log.debug("aiohttp's connection transport is not reachable; using its message API")
             return None
         try:
-            link = cls(ws, worker, transport)
+            link = cls(worker, transport)
         except (NotImplementedError, RuntimeError) as exc:  # a transport that cannot switch protocols
             log.debug("cannot take the connection over (%r); using aiohttp's message API", exc)
             return None
