@@ -54,6 +54,7 @@ class RemoteEnv(gym.Env):
         worker_vectorization: str = "sync",
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
+        busy_poll: bool | None = None,
     ) -> None:
         # autoreset_mode and worker_vectorization are accepted for a uniform signature: a single
         # env never autoresets, and a worker runs it in its own process whatever its vectorization.
@@ -69,6 +70,7 @@ class RemoteEnv(gym.Env):
             ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
             max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
             worker_vectorization=worker_vectorization, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
+            busy_poll=busy_poll,
         )
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)

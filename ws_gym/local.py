@@ -37,7 +37,7 @@ class LocalWorkers:
 
     def __init__(
         self, url: str, counts: list[int], *, token: str | None = None, cert_fingerprint: str | None = None,
-        vectorization: str = "sync", unix_socket: str | None = None,
+        vectorization: str = "sync", unix_socket: str | None = None, busy_poll: float = 0.0,
     ) -> None:
         env = dict(os.environ)
         # The children import what the trainer can import (user env modules too).
@@ -67,6 +67,8 @@ class LocalWorkers:
                     cmd += ["--vectorization", vectorization]
                 if unix_socket:  # the trainer's private Unix socket instead of loopback TCP
                     cmd += ["--unix-socket", unix_socket]
+                if busy_poll:  # a spare core each: poll for the next request after a reply
+                    cmd += ["--busy-poll", f"{busy_poll * 1e6:g}"]
                 if cert_fingerprint:  # wss://: trust exactly the trainer's own certificate
                     cmd += ["--cert-fingerprint", cert_fingerprint]
                 self._cmds.append(cmd)

@@ -23,6 +23,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
@@ -92,9 +93,13 @@ class WorkerConn:
 
 
 class _Call:
-    """One batched call across several workers; the caller blocks on ``lock``."""
+    """One batched call across several workers; the caller blocks on ``lock``.
 
-    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant")
+    Replies may be handled on the loop thread and, with busy polling, on the
+    caller's thread too: the counting is done under one small lock.
+    """
+
+    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "polled")
 
     def __init__(self, n: int) -> None:
         self.lock = threading.Lock()
@@ -105,23 +110,36 @@ class _Call:
         self.done = False
         self.batch: list = []
         self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
+        self.polled = False  # the caller reads the replies itself (busy polling)
 
     def answer(self, idx: int, value: Any) -> None:
         """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
-        self.results[idx] = value
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.finish()
+        with _COUNT:
+            self.results[idx] = value
+            self.remaining -= 1
+            if self.remaining or self.done:
+                return
+            self.done = True
+        self.lock.release()
 
     def finish(self) -> None:
-        if not self.done:
+        with _COUNT:
+            if self.done:
+                return
             self.done = True
-            self.lock.release()
+        self.lock.release()
 
     def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.finish()
+        with _COUNT:
+            if self.error is None:
+                self.error = exc
+            if self.done:
+                return
+            self.done = True
+        self.lock.release()
+
+
+_COUNT = threading.Lock()  # guards _Call's counting; held for a few instructions only
 
 
 @dataclass
@@ -198,6 +216,7 @@ class WorkerPool:
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
         unix_path: str | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
         self.num_envs = num_envs
         self.expect = expect
@@ -226,6 +245,9 @@ class WorkerPool:
         self._call_lock = threading.Lock()
         self._plock = threading.Lock()  # conn.alive and conn.pending, between caller and loop
         self._direct = not loops.switched_off("WS_GYM_DIRECT")  # caller-thread writes (see wire.py)
+        # seconds a waiting caller reads its replies itself before it sleeps (0: the loop reads)
+        self.busy_poll = busy_poll if self._direct else 0.0
+        self._idle_poller: asyncio.Future | None = None
         self._closing = False
         self._closed = False
         self._loop = loops.new_event_loop()
@@ -271,6 +293,8 @@ class WorkerPool:
             os.chmod(self.unix_path, 0o600)  # this user only (the token is checked as well)
         if self.heartbeat:
             self._watchdog = asyncio.ensure_future(self._watch(self.heartbeat))
+        if self.busy_poll:
+            self._idle_poller = asyncio.ensure_future(self._poll_idle())
         return sock.getsockname()[1]
 
     def _note(self, text: str) -> None:
@@ -436,8 +460,8 @@ class WorkerPool:
             on_message=functools.partial(self._on_reply, conn),
             on_control=functools.partial(self._on_control, conn),
         )
-        if self._direct:
-            conn.wire.enable_direct()
+        if self._direct and conn.wire.enable_direct() and self.busy_poll:
+            conn.wire.claim_reading()  # the worker sends nothing before our accept
         conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
         with self._cond:
             conn.active = True
@@ -646,6 +670,23 @@ class WorkerPool:
                     except (ConnectionError, RuntimeError):
                         self._drop(conn, cut_off=True)
 
+    async def _poll_idle(self, interval: float = 0.02) -> None:
+        """Busy polling: read the polled connections that no caller is reading,
+        so that pongs, late replies, close frames and ends of stream between
+        calls are seen within ``interval`` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            for conn in list(self._conns):
+                wire = conn.wire
+                if (wire is None or not wire.polled or wire.ended or conn.pending  # a waiting caller's
+                        or not wire.rlock.acquire(blocking=False)):
+                    continue
+                try:
+                    while wire.poll_read():
+                        pass
+                finally:
+                    wire.rlock.release()
+
     def _cut_off(self, call: _Call) -> None:
         """Wait mode, after step_timeout: workers that still owe a reply are lost."""
         for conn, rid, _ in call.batch:
@@ -773,6 +814,7 @@ class WorkerPool:
             call = _Call(len(batch))
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode
+            call.polled = bool(self.busy_poll) and any(c.wire is not None and c.wire.polled for c, _, _ in batch)
             if not batch:
                 call.finish()
             elif self._direct:
@@ -785,7 +827,10 @@ class WorkerPool:
 
     def wait(self, call: "_Call", timeout: float | None) -> list[Any]:
         """The replies to a submitted call, in request order; raise its error or a timeout."""
-        if not call.lock.acquire(timeout=-1 if timeout is None else timeout):
+        left = timeout
+        if call.polled and not call.done:
+            left = self._poll_replies(call, timeout)
+        if not call.lock.acquire(timeout=-1 if left is None else left):
             if call.tolerant:  # wait mode: the slow workers are lost, the call completes
                 self._loop.call_soon_threadsafe(self._cut_off, call)
                 if call.lock.acquire(timeout=10):
@@ -799,6 +844,48 @@ class WorkerPool:
         if call.error is not None:
             raise call.error
         return call.results
+
+    def _poll_replies(self, call: "_Call", timeout: float | None) -> float | None:
+        """Busy polling: read the call's replies on this thread, spinning for up
+        to ``busy_poll`` seconds, then sleeping in ``poll`` until one comes.
+
+        Returns what is left of ``timeout``. Stops once no polled connection
+        owes the call anything (the loop completes or fails the rest).
+        """
+        clock = time.perf_counter
+        now = clock()
+        deadline = None if timeout is None else now + timeout
+        spin_end = now + self.busy_poll
+        batch = call.batch
+        while not call.done:
+            owing = [c.wire for c, rid, _ in batch
+                     if rid in c.pending and c.wire is not None and c.wire.polled and not c.wire.ended]
+            if not owing:
+                break
+            for wire in owing:
+                if wire.rlock.acquire(blocking=False):  # else the loop is reading it just now
+                    try:
+                        while wire.poll_read():
+                            pass
+                    finally:
+                        wire.rlock.release()
+            if call.done:
+                break
+            now = clock()
+            if deadline is not None and now >= deadline:
+                break
+            if now >= spin_end:  # a slow reply: sleep until a socket has something
+                wait = 0.05 if deadline is None else min(0.05, deadline - now)
+                try:
+                    poller = select.poll()
+                    for wire in owing:
+                        poller.register(wire._direct, select.POLLIN)
+                    poller.poll(wait * 1000)
+                except (OSError, ValueError, TypeError):  # a socket closed meanwhile: poll_read sees it
+                    pass
+        if deadline is None:
+            return None
+        return max(0.0, deadline - clock())
 
     def close(self, timeout: float = 5.0) -> None:
         """Tell workers to close their envs, then stop the server and the loop."""
@@ -827,9 +914,10 @@ class WorkerPool:
         return sorted(self._conns, key=lambda c: c.start)
 
     async def _shutdown(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)  # let it end before the loop stops
+        for task in (self._watchdog, self._idle_poller):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)  # let it end before the loop stops
         for conn in list(self._conns):
             if conn.wire is not None:
                 conn.wire.close(F.CLOSE_GOING_AWAY, "trainer closing")

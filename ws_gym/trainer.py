@@ -119,6 +119,29 @@ def probe(env_id: str | None, env_kwargs: dict, max_episode_steps: int | None) -
         env.close()
 
 
+CALLER_POLL = 0.001  # seconds a caller spins on its replies before it sleeps
+WORKER_POLL = 0.0005  # seconds a local worker reads on after each reply
+
+
+def busy_poll_wanted(
+    busy_poll: bool | None, local_workers: int, vectorization: str, server_ssl: ssl.SSLContext | None
+) -> bool:
+    """Whether to busy-poll (see :mod:`ws_gym.wire`): ``None`` means where it
+    pays, i.e. local workers that, with the caller, each have a core of their
+    own (a spinning thread on a shared core slows the others down).
+    ``WS_GYM_BUSY_POLL=0`` or ``=1`` overrides. Needs POSIX and plain ws://."""
+    if busy_poll is not None and not isinstance(busy_poll, bool):
+        raise TypeError(f"busy_poll must be True, False or None, got {busy_poll!r}")
+    forced = os.environ.get("WS_GYM_BUSY_POLL", "").strip().lower()
+    if forced:
+        busy_poll = not loops.switched_off("WS_GYM_BUSY_POLL")
+    if os.name != "posix" or server_ssl is not None:
+        return False
+    if busy_poll is not None:
+        return busy_poll
+    return 0 < local_workers < (os.cpu_count() or 1) and vectorization == "sync"
+
+
 class Trainer:
     """Server + local workers + the spaces every worker must match."""
 
@@ -147,6 +170,7 @@ class Trainer:
         worker_vectorization: str = "sync",
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
+        busy_poll: bool | None = None,
     ) -> None:
         if env_id is not None and not isinstance(env_id, str):
             raise TypeError(f"env_id must be a string or None, got {type(env_id).__name__}")
@@ -200,13 +224,14 @@ class Trainer:
             ready=probe(env_id, env_kwargs, max_episode_steps),
         )
         unix_path = self._unix_path(counts, server_ssl)
+        self.busy_poll = busy_poll_wanted(busy_poll, local_workers, worker_vectorization, server_ssl)
         try:
             self.pool = WorkerPool(
                 num_envs=num_envs, expect=expect, host=host, port=port, token=token,
                 max_msg_size=max_msg_size, ready_timeout=max(self.connect_timeout, 10.0),
                 handshake_timeout=float(handshake_timeout), max_pending_handshakes=max_pending_handshakes,
                 ssl_context=server_ssl, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
-                unix_path=unix_path,
+                unix_path=unix_path, busy_poll=CALLER_POLL if self.busy_poll else 0.0,
             )
         except BaseException:
             if self._unix_dir is not None:
@@ -223,7 +248,8 @@ class Trainer:
             if counts:
                 self.local = LocalWorkers(self.pool.local_url, counts, token=token, unix_socket=self.pool.unix_path,
                                           cert_fingerprint=self._own_fingerprint(),
-                                          vectorization=worker_vectorization)
+                                          vectorization=worker_vectorization,
+                                          busy_poll=WORKER_POLL if self.busy_poll else 0.0)
                 if self.wait_mode:  # keep replacing crashed local workers: training goes on
                     self.local.max_restarts = None
         except BaseException:

@@ -165,6 +165,7 @@ class RemoteVectorEnv(VectorEnv):
         worker_vectorization: str = "sync",
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
+        busy_poll: bool | None = None,
     ) -> None:
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -183,6 +184,7 @@ class RemoteVectorEnv(VectorEnv):
             ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
             max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
             worker_vectorization=worker_vectorization, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
+            busy_poll=busy_poll,
         )
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)

@@ -15,6 +15,15 @@ RFC 6455 implementation) talk to it as before.
 a request itself, on a duplicate of the socket, so a step does not wait for the
 event loop thread to wake up; writes from both threads are ordered by one lock,
 and whatever the socket does not take at once goes through the loop as usual.
+
+Busy polling (:meth:`FrameConnection.claim_reading`): where a spare core makes
+it pay, the loop stops reading a connection and whoever waits for it reads the
+socket itself with :meth:`FrameConnection.poll_read`, under ``rlock``: the
+trainer's caller thread during a call, the loop now and then in between, and a
+worker for a short while after each reply. A round trip then wakes no thread
+that has gone to sleep. Binary messages are handled by the reading thread;
+everything else (control frames, the end of the stream, errors) is handed to
+the loop, which alone touches the transport.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from . import frames as F
@@ -65,6 +75,11 @@ class FrameConnection(asyncio.Protocol):
         self._wlock = threading.Lock()  # orders writes from the loop and from send_from_thread
         self._direct: socket.socket | None = None  # a duplicate of the socket (see enable_direct)
         self._queued: list = []  # bytes for the loop to write, in order (send_from_thread's overflow)
+        self._loop_thread = threading.get_ident()  # made on the loop's thread
+        self.polled = False  # the transport no longer reads: poll_read does (claim_reading)
+        self.ended = False  # polled: the stream ended or broke; the loop is finishing the connection
+        self.rlock = threading.RLock()  # polled: one reader at a time (the loop may re-enter)
+        self.poll_after = 0.0  # seconds to keep reading after a message was handled (a worker's busy poll)
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, **kwargs: Any) -> tuple["FrameConnection", Any]:
@@ -89,22 +104,112 @@ class FrameConnection(asyncio.Protocol):
                 except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits `done`
                     self._fail(exc)
                     return
-            elif op == F.OP_PING:
-                if not self.close_sent:
-                    self._send(F.OP_PONG, payload)
-            elif op == F.OP_CLOSE:
-                code, reason = F.parse_close(payload)
-                if not self.close_sent:
-                    self._send(F.OP_CLOSE, F.close_payload(code if code != 1005 else F.CLOSE_NORMAL))
-                    self.close_sent = True
-                self.transport.close()
-                self._resolve((code, reason))
+            elif not self._control(op, payload):
                 return
-            # pongs and text messages need nothing; any frame at all counts as life
-            if self.on_control is not None and op != F.OP_BINARY:
-                self.on_control()
             if self.done.done():
                 return
+        if self.poll_after and self._direct is not None and not self.done.done():
+            self._poll_on()
+
+    def _control(self, op: int, payload: bytes) -> bool:
+        """Handle a control (or text) frame on the loop; False once the connection is closing."""
+        if self.done.done():
+            return False
+        if op == F.OP_PING:
+            if not self.close_sent:
+                self._send(F.OP_PONG, payload)
+        elif op == F.OP_CLOSE:
+            code, reason = F.parse_close(payload)
+            if not self.close_sent:
+                self._send(F.OP_CLOSE, F.close_payload(code if code != 1005 else F.CLOSE_NORMAL))
+                self.close_sent = True
+            self.transport.close()
+            self._resolve((code, reason))
+            return False
+        # pongs and text messages need nothing; any frame at all counts as life
+        if self.on_control is not None:
+            self.on_control()
+        return True
+
+    def _poll_on(self) -> None:
+        """A worker's busy poll: read the socket for up to ``poll_after`` seconds
+        more, so that the next request is taken without a wake-up of the loop."""
+        clock = time.perf_counter
+        end = clock() + self.poll_after
+        while clock() < end:
+            got = self.poll_read()
+            if got is None:
+                return  # ended
+            if got:
+                end = clock() + self.poll_after
+
+    # -- polled reading ----------------------------------------------------------
+
+    def claim_reading(self) -> bool:
+        """On the loop: stop the transport's reads; from now on :meth:`poll_read`
+        reads (needs :meth:`enable_direct`). Call it while the peer has nothing in flight."""
+        if self._direct is None or self.done.done():
+            return False
+        self.transport.pause_reading()
+        self.polled = True
+        return True
+
+    def poll_read(self) -> bool | None:
+        """Read what the socket holds, without blocking, and handle it: True if
+        anything came, False if nothing did, None once the stream has ended.
+
+        Any thread; the caller holds :attr:`rlock` (or runs on the loop, in a
+        worker). Binary messages go to ``on_message`` in this thread.
+        """
+        sock = self._direct
+        if sock is None or self.ended:
+            return None
+        try:
+            data = sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._end(ConnectionResetError(f"connection error: {exc}"))
+            return None
+        if not data:
+            self._end(ConnectionResetError("the peer closed the connection"))
+            return None
+        try:
+            messages = self.parser.feed(data)
+        except F.FrameError as exc:
+            self._end(exc)
+            return None
+        for op, payload in messages:
+            if op == F.OP_BINARY:
+                try:
+                    self.on_message(payload)
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits `done`
+                    self._end(exc)
+                    return None
+            else:
+                if op == F.OP_CLOSE:
+                    self.ended = True  # the loop answers it and ends the connection
+                self._on_loop(self._control, op, payload)
+                if self.ended:
+                    return None
+        return True
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop is closed: nothing left to finish
+                pass
+
+    def _end(self, exc: BaseException) -> None:
+        """Polled reading met the end of the stream (or broke): the loop ends the connection."""
+        self.ended = True
+        if isinstance(exc, F.FrameError):
+            self._on_loop(self._fail, exc, exc.code, exc.reason)
+        else:
+            self._on_loop(self._fail, exc)
 
     def eof_received(self) -> bool:
         return False  # close the transport
@@ -207,7 +312,8 @@ class FrameConnection(asyncio.Protocol):
         with self._wlock:
             sock, self._direct = self._direct, None
         if sock is not None:
-            sock.close()
+            with self.rlock:  # no reader is inside recv() on it
+                sock.close()
 
     # -- ending ----------------------------------------------------------------
 
