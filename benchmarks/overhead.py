@@ -1,14 +1,17 @@
 """Trainer-side overhead of one batched step, next to bare round trips of the same size.
 
-Five round trips between this process (the trainer side) and one other
+Six round trips between this process (the trainer side) and one other
 process on loopback, measured in one run, interleaved, same message sizes:
 
 ``ws_gym``
     ``RemoteVectorEnv(1, env_id="ws_gym/NoOp-v0", local_workers=1).step(a)``:
-    the whole call, as a training loop sees it (encode, hand-off to the loop
-    thread, WebSocket frames both ways, the worker's decode + env step +
-    encode, decode, checks and batch assembly). The env does nothing, so this
-    is ws_gym's per-step cost plus the transport.
+    the whole call, as a training loop sees it (encode, WebSocket frames both
+    ways, the worker's decode + env step + encode, decode, checks and batch
+    assembly). The env does nothing, so this is ws_gym's per-step cost plus
+    the transport. With the defaults, where one local worker leaves a core
+    spare, the caller reads its replies itself and the worker busy-polls (see
+    the README). A second row measures ``busy_poll=False``: the loop thread
+    reads and everyone sleeps while waiting, as in the baselines.
 ``aiohttp hand-off, client = ws_gym's worker code``
     The topology below, but the client process does what a ws_gym worker
     does with each frame (decode, ``EnvHost.handle`` of a NoOp env, encode):
@@ -354,23 +357,30 @@ def main() -> int:
           flush=True)
 
     started = time.perf_counter()
-    envs = aio = aio_worker = tcp = None
+    envs = plain = aio = aio_worker = tcp = None
     try:
         envs = ws_gym.RemoteVectorEnv(1, env_id="ws_gym/NoOp-v0", port=0, local_workers=1, connect_timeout=120)
         envs.reset(seed=0)
+        plain = ws_gym.RemoteVectorEnv(1, env_id="ws_gym/NoOp-v0", port=0, local_workers=1, connect_timeout=120,
+                                       busy_poll=False)
+        plain.reset(seed=0)
+        polling = "on" if envs._trainer.busy_poll else "off"
         aio = AiohttpServer(request, reply_size)
         aio_worker = AiohttpServer(request, reply_size, client="aiohttp-worker")
         tcp = TcpServer(request, reply_size)
 
-        def ours(n: int) -> tuple[float, float]:
-            step = envs.step
-            c0, t0 = time.process_time(), time.perf_counter()
-            for _ in range(n):
-                step(action)
-            return time.perf_counter() - t0, time.process_time() - c0
+        def stepping(env):
+            def ours(n: int) -> tuple[float, float]:
+                step = env.step
+                c0, t0 = time.process_time(), time.perf_counter()
+                for _ in range(n):
+                    step(action)
+                return time.perf_counter() - t0, time.process_time() - c0
+            return ours
 
         cases = {
-            "ws_gym RemoteVectorEnv.step (NoOp, 1 worker)": ours,
+            f"ws_gym RemoteVectorEnv.step (NoOp, busy poll {polling})": stepping(envs),
+            "ws_gym, busy_poll=False": stepping(plain),
             "aiohttp hand-off, client = ws_gym's worker code": aio_worker.handed_off,
             "aiohttp, thread hand-off (same topology)": aio.handed_off,
             "aiohttp, in the loop (no hand-off)": aio.in_loop,
@@ -390,8 +400,9 @@ def main() -> int:
         for side in (tcp, aio, aio_worker):
             if side is not None:
                 side.close()
-        if envs is not None:
-            envs.close()
+        for env in (envs, plain):
+            if env is not None:
+                env.close()
 
     med = {name: statistics.median(v) for name, v in walls.items()}
     cpu = {name: statistics.median(v) for name, v in cpus.items()}
@@ -404,12 +415,15 @@ def main() -> int:
         print(f"{name:<{width}}  {med[name]:9.1f}  {best[name]:6.1f}  {cpu[name]:14.1f}  "
               + ", ".join(f"{x:.1f}" for x in walls[name]))
     names = list(cases)
-    ours_name, with_worker, handoff, in_loop, raw = names
+    ours_name, no_poll, with_worker, handoff, in_loop, raw = names
     print()
     print("ratios of medians (wall; of the best repetitions in brackets, less sensitive to other load):")
     print(f"  ws_gym / (hand-off + worker code)  {med[ours_name] / med[with_worker]:5.2f}x ({best[ours_name] / best[with_worker]:4.2f}x)   "
           "(the trainer side alone: same worker work on both sides)")
+    print(f"    busy_poll=False / (same)         {med[no_poll] / med[with_worker]:5.2f}x ({best[no_poll] / best[with_worker]:4.2f}x)")
     print(f"  ws_gym / aiohttp with hand-off     {med[ours_name] / med[handoff]:5.2f}x ({best[ours_name] / best[handoff]:4.2f}x)   (target <= 1.3)")
+    print(f"    busy_poll=False / (same)         {med[no_poll] / med[handoff]:5.2f}x ({best[no_poll] / best[handoff]:4.2f}x)   "
+          "(like the baselines, nobody spins)")
     print(f"  ws_gym / aiohttp in the loop       {med[ours_name] / med[in_loop]:5.2f}x ({best[ours_name] / best[in_loop]:4.2f}x)")
     print(f"  ws_gym / raw TCP                   {med[ours_name] / med[raw]:5.2f}x ({best[ours_name] / best[raw]:4.2f}x)")
     print(f"  aiohttp hand-off / in the loop     {med[handoff] / med[in_loop]:5.2f}x ({best[handoff] / best[in_loop]:4.2f}x)   (the cost of the thread hand-off)")

@@ -7,7 +7,9 @@ Measures env-steps per second, side by side in one run, for:
   ``RemoteVectorEnv`` (2 local workers on loopback), ``SyncVectorEnv`` and
   ``AsyncVectorEnv(shared_memory=True)``;
 * one remote CartPole-v1 (``gym.make("ws_gym/Remote-v0", ...)``) next to
-  ``gym.make("CartPole-v1")`` in process.
+  ``gym.make("CartPole-v1")`` in process, with the default settings (busy
+  polling is on where a core is spare, as here with one local worker) and with
+  ``busy_poll=False``.
 
 Every case is built, reset and warmed up (untimed), then a fixed number of
 steps is timed with pre-sampled actions, and the env is closed again. The cases
@@ -70,7 +72,7 @@ IMAGE = "ws_gym/StaticImage-v0"
 @dataclass
 class Case:
     workload: str  # "CartPole-v1", "StaticImage-v0" or "single CartPole-v1"
-    kind: str  # "remote", "sync", "async" or "in-process"
+    kind: str  # "remote", "remote no-poll", "sync", "async" or "in-process"
     make: Callable[[], Any]  # returns a VectorEnv (vector=True) or an Env
     vector: bool
     num_envs: int  # env-steps per step() call
@@ -105,6 +107,9 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     cases += [
         Case(f"single {CARTPOLE}", "remote", vector=False, num_envs=1,
              make=lambda: gym.make("ws_gym/Remote-v0", env_id=CARTPOLE, port=0, local_workers=1)),
+        Case(f"single {CARTPOLE}", "remote no-poll", vector=False, num_envs=1,
+             make=lambda: gym.make("ws_gym/Remote-v0", env_id=CARTPOLE, port=0, local_workers=1,
+                                   busy_poll=False)),
         Case(f"single {CARTPOLE}", "in-process", vector=False, num_envs=1,
              make=lambda: gym.make(CARTPOLE)),
     ]
@@ -119,6 +124,10 @@ def ratio_pairs(cases: list[Case]) -> list[tuple[str, Case, Case]]:
                            ("StaticImage-v0", "sync"), ("StaticImage-v0", "async"),
                            (f"single {CARTPOLE}", "in-process")):
         pairs.append((f"{workload}: remote / {base}", by_key[workload, "remote"], by_key[workload, base]))
+    single = f"single {CARTPOLE}"
+    pairs.append((f"{single}: remote no-poll / in-process", by_key[single, "remote no-poll"],
+                   by_key[single, "in-process"]))
+    pairs.append((f"{single}: remote / remote no-poll", by_key[single, "remote"], by_key[single, "remote no-poll"]))
     return pairs
 
 

@@ -165,7 +165,7 @@ class FrameConnection(asyncio.Protocol):
         if sock is None or self.ended:
             return None
         try:
-            data = sock.recv(262144)
+            data = sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
