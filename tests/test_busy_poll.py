@@ -252,3 +252,59 @@ def test_heartbeats_are_answered_while_a_polled_trainer_is_idle(cli_workers):
         assert envs.step(np.zeros(2, dtype=np.int64))[0].tolist() == [[2, 2], [2, 2]]
     finally:
         envs.close()
+
+
+@posix_only
+def test_a_flooding_worker_cannot_hold_a_polled_trainer(caplog):
+    """A worker that sends replies nobody asked for, without pause: the caller's
+    call still times out on time, and the loop (which reads the connection
+    between calls) stays responsive."""
+    import logging
+
+    import aiohttp
+
+    from ws_gym import codec
+    from ws_gym import protocol as P
+    from ws_gym.host import EnvHost
+
+    caplog.set_level(logging.ERROR, logger="ws_gym")  # one warning per frame otherwise
+    envs = ws_gym.RemoteVectorEnv(1, env_id="CartPole-v1", port=0, busy_poll=True, step_timeout=1.0,
+                                  connect_timeout=30)
+    loop = loops.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sent = [0]
+    joined = threading.Event()
+
+    async def flood():
+        async with aiohttp.ClientSession() as session, session.ws_connect(envs.url) as ws:
+            await ws.send_bytes(codec.encode(P.HELLO, 0, P.make_hello("CartPole-v1", 1, "flood")))
+            welcome = codec.decode((await ws.receive(timeout=10)).data)
+            host = EnvHost(P.parse_welcome(codec.writable(welcome.body)))
+            await ws.send_bytes(codec.encode(P.READY, 0, host.ready_body()))
+            assert codec.decode((await ws.receive(timeout=10)).data).kind == P.ACCEPT
+            joined.set()
+            junk = codec.encode(P.OK, 10**9, {"o": np.zeros((1, 4), np.float32)})
+            while True:
+                await ws.send_bytes(junk)
+                sent[0] += 1
+
+    task = asyncio.run_coroutine_threadsafe(flood(), loop)
+    try:
+        assert joined.wait(20)
+        t0 = time.monotonic()
+        with pytest.raises(ws_gym.StepTimeoutError):
+            envs.reset(seed=0)
+        assert time.monotonic() - t0 < 5
+        before = sent[0]
+        pool_loop = envs._trainer.pool._loop
+        for _ in range(5):  # between calls the loop reads the flood, a bounded amount per round
+            t0 = time.monotonic()
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), pool_loop).result(5)
+            assert time.monotonic() - t0 < 2
+        wait_until(lambda: sent[0] > before + 100, 10, "the flood to go on")  # it is being read
+    finally:
+        task.cancel()
+        envs.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -682,7 +682,8 @@ class WorkerPool:
                         or not wire.rlock.acquire(blocking=False)):
                     continue
                 try:
-                    while wire.poll_read():
+                    end = time.perf_counter() + 0.002  # a peer that never stops sending cannot hold the loop
+                    while wire.poll_read() and time.perf_counter() < end:
                         pass
                 finally:
                     wire.rlock.release()
@@ -865,8 +866,7 @@ class WorkerPool:
             for wire in owing:
                 if wire.rlock.acquire(blocking=False):  # else the loop is reading it just now
                     try:
-                        while wire.poll_read():
-                            pass
+                        wire.poll_read()
                     finally:
                         wire.rlock.release()
             if call.done:

@@ -135,13 +135,15 @@ class FrameConnection(asyncio.Protocol):
         """A worker's busy poll: read the socket for up to ``poll_after`` seconds
         more, so that the next request is taken without a wake-up of the loop."""
         clock = time.perf_counter
-        end = clock() + self.poll_after
-        while clock() < end:
+        now = clock()
+        end, limit = now + self.poll_after, now + 0.05  # back to the loop at least every 50 ms
+        while now < end:
             got = self.poll_read()
             if got is None:
                 return  # ended
+            now = clock()
             if got:
-                end = clock() + self.poll_after
+                end = min(now + self.poll_after, limit)
 
     # -- polled reading ----------------------------------------------------------
 
