@@ -20,6 +20,7 @@ import ws_gym
 from ws_gym import frames as F
 from ws_gym import loops
 from ws_gym.pool import WorkerPool
+from ws_gym import trainer as trainer_module
 from ws_gym.trainer import busy_poll_wanted
 from ws_gym.wire import FrameConnection
 
@@ -35,7 +36,7 @@ posix_only = pytest.mark.skipif(sys.platform == "win32", reason="busy polling is
 
 def test_busy_poll_is_chosen_where_a_core_is_spare(monkeypatch):
     monkeypatch.delenv("WS_GYM_BUSY_POLL", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(trainer_module, "usable_cpus", lambda: 4)
     on_posix = os.name == "posix"
     assert busy_poll_wanted(None, 3, "sync", None) is on_posix  # 3 workers + the caller: 4 cores
     assert busy_poll_wanted(None, 4, "sync", None) is False  # no core left for the caller
@@ -308,3 +309,13 @@ def test_a_flooding_worker_cannot_hold_a_polled_trainer(caplog):
         envs.close()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@pytest.mark.parametrize("value", ["-5", "nan"])
+def test_a_worker_refuses_a_bad_busy_poll(cli_workers, value):
+    """Checked before the worker dials (port 9: nothing listens there)."""
+    worker = cli_workers.start("--url", "ws://127.0.0.1:9/ws", "--busy-poll", value)
+    code, out = cli_workers.finish(worker)
+    assert code == 1 and "--busy-poll must be" in out, out
+    with pytest.raises(TypeError, match="busy_poll"):
+        ws_gym.RemoteVectorEnv(1, env_id="CartPole-v1", port=0, busy_poll="on")

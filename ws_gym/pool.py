@@ -23,7 +23,6 @@ import ipaddress
 import itertools
 import logging
 import os
-import select
 import socket
 import ssl
 import threading
@@ -45,7 +44,7 @@ from .errors import (
     WorkerLostError,
     WsGymError,
 )
-from .wire import FrameConnection, hand_back
+from .wire import FrameConnection, hand_back, wait_readable
 from .wsio import receive_message
 
 log = logging.getLogger("ws_gym")
@@ -875,14 +874,7 @@ class WorkerPool:
             if deadline is not None and now >= deadline:
                 break
             if now >= spin_end:  # a slow reply: sleep until a socket has something
-                wait = 0.05 if deadline is None else min(0.05, deadline - now)
-                try:
-                    poller = select.poll()
-                    for wire in owing:
-                        poller.register(wire._direct, select.POLLIN)
-                    poller.poll(wait * 1000)
-                except (OSError, ValueError, TypeError):  # a socket closed meanwhile: poll_read sees it
-                    pass
+                wait_readable(owing, 0.05 if deadline is None else min(0.05, deadline - now))
         if deadline is None:
             return None
         return max(0.0, deadline - clock())

@@ -139,7 +139,15 @@ def busy_poll_wanted(
         return False
     if busy_poll is not None:
         return busy_poll
-    return 0 < local_workers < (os.cpu_count() or 1) and vectorization == "sync"
+    return 0 < local_workers < usable_cpus() and vectorization == "sync"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 class Trainer:

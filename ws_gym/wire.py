@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -334,6 +335,19 @@ class FrameConnection(asyncio.Protocol):
             self.done.exception()  # retrieved: no "exception was never retrieved" if nobody waits
         else:
             self.done.set_result(value)
+
+
+def wait_readable(wires: list[FrameConnection], timeout: float) -> None:
+    """Sleep until one of the polled connections' sockets has something to read
+    (or ``timeout`` seconds pass). A socket closed meanwhile ends the wait:
+    :meth:`FrameConnection.poll_read` then sees why."""
+    try:
+        poller = select.poll()
+        for wire in wires:
+            poller.register(wire._direct, select.POLLIN)
+        poller.poll(timeout * 1000)
+    except (OSError, ValueError, TypeError):
+        pass
 
 
 def hand_back(transport: asyncio.Transport, previous: Any, exc: Exception | None = None) -> None:

@@ -543,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_envs < 1:
         print("--num-envs must be at least 1", file=sys.stderr)
         return 1
+    if not args.busy_poll >= 0:  # also NaN
+        print("--busy-poll must be a number of microseconds >= 0", file=sys.stderr)
+        return 1
     env_kwargs: dict[str, Any] | None = None
     if args.env_kwargs:
         try:
