@@ -80,6 +80,8 @@ class WorkerConn:
     wire: FrameConnection | None = None  # the connection's frames, once admitted
     aiohttp_protocol: Any = None  # aiohttp's protocol for the transport, handed back at the end
     last_rx: float = 0.0  # loop time of the last frame received (heartbeats)
+    unknown: int = 0  # replies to unknown requests not logged yet (logged at most once a second)
+    unknown_logged_at: float = float("-inf")
     ping_at: float | None = None  # loop time of an unanswered heartbeat ping
 
     @property
@@ -572,7 +574,7 @@ class WorkerPool:
             return
         entry = pending.pop(reply.id, None)
         if entry is None:
-            log.warning("%s answered unknown request %d; ignored", conn.origin, reply.id)
+            self._log_unknown(conn, reply.id)
             return
         call, idx = entry
         if reply.kind == P.OK:
@@ -581,6 +583,19 @@ class WorkerPool:
             call.fail(P.parse_error(reply.body, conn.origin))
         else:
             call.fail(ProtocolError(f"{conn.origin} answered with kind {reply.kind!r}"))
+
+    @staticmethod
+    def _log_unknown(conn: WorkerConn, rid: int) -> None:
+        """A reply to a request that is not pending (late after a timeout, or a
+        bad peer's): at most one line a second per worker, so a flood of them
+        cannot flood the log."""
+        conn.unknown += 1
+        now = time.monotonic()
+        if now - conn.unknown_logged_at >= 1.0:
+            more = f" (and {conn.unknown - 1} more since the last such line)" if conn.unknown > 1 else ""
+            log.warning("%s answered unknown request %d; ignored%s", conn.origin, rid, more)
+            conn.unknown = 0
+            conn.unknown_logged_at = now
 
     def _send_direct(self, call: _Call, batch: list) -> list:
         """On the caller's thread: write the requests to workers whose socket
