@@ -78,7 +78,7 @@ class FrameConnection(asyncio.Protocol):
         self._queued: list = []  # bytes for the loop to write, in order (send_from_thread's overflow)
         self._loop_thread = threading.get_ident()  # made on the loop's thread
         self.polled = False  # the transport no longer reads: poll_read does (claim_reading)
-        self.ended = False  # polled: the stream ended or broke; the loop is finishing the connection
+        self.ended = False  # the stream ended or broke; the loop is finishing the connection
         self.rlock = threading.RLock()  # polled: one reader at a time (the loop may re-enter)
         self.poll_after = 0.0  # seconds to keep reading after a message was handled (a worker's busy poll)
 
@@ -93,24 +93,34 @@ class FrameConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._handle(data) and self.poll_after and self._direct is not None:
+            self._poll_on()
+
+    def _handle(self, data: bytes) -> bool:
+        """Parse received bytes and handle the messages; False once the connection is ending.
+
+        Binary messages go to ``on_message`` in the calling thread; control
+        frames and the ending are done by the loop (at once when this is the loop).
+        """
         try:
             messages = self.parser.feed(data)
         except F.FrameError as exc:
-            self._fail(exc, exc.code, exc.reason)
-            return
+            self._end(exc)
+            return False
         for op, payload in messages:
             if op == F.OP_BINARY:
                 try:
                     self.on_message(payload)
                 except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits `done`
-                    self._fail(exc)
-                    return
-            elif not self._control(op, payload):
-                return
-            if self.done.done():
-                return
-        if self.poll_after and self._direct is not None and not self.done.done():
-            self._poll_on()
+                    self._end(exc)
+                    return False
+            else:
+                if op == F.OP_CLOSE:
+                    self.ended = True  # the loop answers it and ends the connection
+                self._on_loop(self._control, op, payload)
+            if self.ended or self.done.done():
+                return False
+        return True
 
     def _control(self, op: int, payload: bytes) -> bool:
         """Handle a control (or text) frame on the loop; False once the connection is closing."""
@@ -177,25 +187,7 @@ class FrameConnection(asyncio.Protocol):
         if not data:
             self._end(ConnectionResetError("the peer closed the connection"))
             return None
-        try:
-            messages = self.parser.feed(data)
-        except F.FrameError as exc:
-            self._end(exc)
-            return None
-        for op, payload in messages:
-            if op == F.OP_BINARY:
-                try:
-                    self.on_message(payload)
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits `done`
-                    self._end(exc)
-                    return None
-            else:
-                if op == F.OP_CLOSE:
-                    self.ended = True  # the loop answers it and ends the connection
-                self._on_loop(self._control, op, payload)
-                if self.ended:
-                    return None
-        return True
+        return True if self._handle(data) else None
 
     def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         if threading.get_ident() == self._loop_thread:
@@ -207,7 +199,7 @@ class FrameConnection(asyncio.Protocol):
                 pass
 
     def _end(self, exc: BaseException) -> None:
-        """Polled reading met the end of the stream (or broke): the loop ends the connection."""
+        """Reading met the end of the stream (or it broke): the loop ends the connection."""
         self.ended = True
         if isinstance(exc, F.FrameError):
             self._on_loop(self._fail, exc, exc.code, exc.reason)
