@@ -100,7 +100,7 @@ class _Call:
     caller's thread too: the counting is done under one small lock.
     """
 
-    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "polled")
+    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant")
 
     def __init__(self, n: int) -> None:
         self.lock = threading.Lock()
@@ -111,7 +111,6 @@ class _Call:
         self.done = False
         self.batch: list = []
         self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
-        self.polled = False  # the caller reads the replies itself (busy polling)
 
     def answer(self, idx: int, value: Any) -> None:
         """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
@@ -134,10 +133,7 @@ class _Call:
         with _COUNT:
             if self.error is None:
                 self.error = exc
-            if self.done:
-                return
-            self.done = True
-        self.lock.release()
+        self.finish()
 
 
 _COUNT = threading.Lock()  # guards _Call's counting; held for a few instructions only
@@ -829,7 +825,6 @@ class WorkerPool:
             call = _Call(len(batch))
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode
-            call.polled = bool(self.busy_poll) and any(c.wire is not None and c.wire.polled for c, _, _ in batch)
             if not batch:
                 call.finish()
             elif self._direct:
@@ -843,7 +838,7 @@ class WorkerPool:
     def wait(self, call: "_Call", timeout: float | None) -> list[Any]:
         """The replies to a submitted call, in request order; raise its error or a timeout."""
         left = timeout
-        if call.polled and not call.done:
+        if self.busy_poll and not call.done:  # returns at once when no polled worker owes the call
             left = self._poll_replies(call, timeout)
         if not call.lock.acquire(timeout=-1 if left is None else left):
             if call.tolerant:  # wait mode: the slow workers are lost, the call completes
