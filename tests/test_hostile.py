@@ -38,7 +38,7 @@ import pytest
 from aiohttp import web
 
 import ws_gym
-from ws_gym import codec
+from ws_gym import codec, compact
 from ws_gym import protocol as P
 from ws_gym.errors import ProtocolError, RemoteEnvError, StepTimeoutError, WorkerLostError
 from ws_gym.host import EnvHost
@@ -466,6 +466,16 @@ def _reply(rid, body) -> list:
     return [codec.encode(P.OK, rid, body)]
 
 
+def _compact(rid, body, tag=None) -> bytes:
+    """An honest compact reply (1 CartPole env), its layout tag replaced if asked."""
+    layout = compact.layout_for(READY["observation_space"], READY["action_space"], 1, False)
+    frame = layout.encode_reply(rid, body)
+    assert frame is not None, body  # a sabotage of a step that had infos: not what the test plans
+    if tag is not None:
+        frame = frame[:4] + struct.pack("<I", tag) + frame[8:]
+    return frame
+
+
 def _with(body, /, **kw) -> dict:
     return {**body, **kw}
 
@@ -519,7 +529,16 @@ SABOTAGES: dict = {
     "wrong-id-only": (lambda i, r: _reply(i + 10**9, r), StepTimeoutError),
     "over-max-msg-size": (lambda i, r: [codec.encode(P.OK, i, _BIG)], WorkerLostError),
     "close-mid-call": (lambda i, r: [CLOSE_NOW], WorkerLostError),
+    # compact step replies (ws_gym.compact) gone wrong: each is refused with a clear error
+    "compact-truncated": (lambda i, r: [_compact(i, r)[:-1]], ProtocolError),
+    "compact-extra-bytes": (lambda i, r: [_compact(i, r) + bytes(8)], ProtocolError),
+    "compact-other-layout": (lambda i, r: [_compact(i, r, tag=0x12345678)], ProtocolError),
+    "compact-flag-byte-2": (lambda i, r: [_compact(i, r)[:-1] + b"\x02"], ProtocolError),
+    "compact-magic-only": (lambda i, r: [compact.REPLY], ProtocolError),
+    "compact-request-as-reply": (lambda i, r: [compact.REQUEST + bytes(28)], ProtocolError),
+    "compact-wrong-id-only": (lambda i, r: [_compact(i + 10**9, r)], StepTimeoutError),
     # harmless noise around an honest reply: the step succeeds, with exact results
+    "generic-reply-to-a-compact-request": (lambda i, r: _reply(i, r), None),
     "text-frame-then-reply": (lambda i, r: ["not a frame", *_reply(i, r)], None),
     "duplicate-reply": (lambda i, r: _reply(i, r) * 2, None),
     "unknown-id-then-reply": (lambda i, r: [*_reply(i + 10**9, r), *_reply(i, r)], None),
@@ -566,10 +585,16 @@ class FakeWorker:
                 m = await ws.receive()  # the trainer drives; cancelled at teardown
                 if m.type != BINARY:
                     return
-                req = codec.decode(m.data)
+                layout = host.compact
+                if m.data[:4] == compact.REQUEST:  # the trainer sends steps compact: our ready said so
+                    rid, actions = layout.decode_request(m.data)
+                    req = codec.Message(P.STEP, rid, {"a": actions})
+                else:
+                    req = codec.decode(m.data)
                 try:
                     result = host.handle(req.kind, req.body if req.kind == P.STEP else codec.writable(req.body))
-                    frames = _reply(req.id, result)
+                    honest = layout.encode_reply(req.id, result) if req.kind == P.STEP else None
+                    frames = [honest] if honest is not None else _reply(req.id, result)
                 except Exception as exc:  # noqa: BLE001 - an honest worker reports it
                     frames = [codec.encode(P.ERROR, req.id, P.error_body(exc))]
                 if req.kind == P.STEP:
@@ -820,6 +845,17 @@ def _undecodable_requests() -> dict[str, bytes]:
         frames[f"truncated-step-{n}"] = step[:n]
     for i in range(10):
         frames[f"garbage-binary-{i}"] = _rng.bytes(int(_rng.integers(1, 300)))
+    layout = compact.layout_for(READY["observation_space"], READY["action_space"], 2, False)
+    good = layout.encode_request(5, np.array([0, 1]))
+    frames.update({
+        "compact-truncated": good[:-1],
+        "compact-extra-bytes": good + bytes(8),
+        "compact-other-layout": good[:4] + struct.pack("<I", layout.tag ^ 1) + good[8:],
+        "compact-magic-only": compact.REQUEST,
+        "compact-reply-as-request": compact.REPLY + bytes(60),
+        "compact-single-layout": compact.layout_for(READY["observation_space"], READY["action_space"], 1, True)
+        .encode_request(5, np.int64(1)),
+    })
     return frames
 
 
@@ -887,6 +923,18 @@ async def _hostile_trainer_session(bg: Background, cli_workers) -> tuple[int, st
             assert reply.kind == P.ERROR and reply.id == 0 and reply.body["type"] == "ProtocolError", (name, reply)
             await _valid_step(ws)
             tried(side, name.split("-")[0] if name.startswith(("garbage", "truncated")) else name)
+
+        # The worker's ready offered compact step frames: a compact step is answered in kind.
+        layout = compact.layout_for(READY["observation_space"], READY["action_space"], 2, False)
+        assert (await _ask(ws, P.RESET, {"seeds": [11, 12], "options": None})).kind == P.OK
+        ref.reset(seed=[11, 12])
+        for a in ([0, 1], [1, 1], [1, 0]):
+            await ws.send_bytes(layout.encode_request(77, np.array(a)))
+            msg = await ws.receive(timeout=10)
+            rid, body = layout.decode_reply(msg.data)
+            obs, rew, term, trunc, _ = ref.step(np.array(a))
+            assert rid == 77 and body["f"] == []
+            assert_same((body["o"], body["r"], body["t"], body["u"]), (obs, rew, term, trunc))
 
         for text in ("step", "", "x" * 100_000):  # text frames are not part of the protocol: ignored
             await ws.send_str(text)

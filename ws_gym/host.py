@@ -32,6 +32,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import write_to_shared_memory
 
+from . import compact
 from . import protocol as P
 from .errors import ProtocolError
 from .spaces import space_to_schema
@@ -346,6 +347,8 @@ PUBLIC_DUNDERS = frozenset({"__str__", "__repr__"})  # what `call` may name desp
 class EnvHost:
     """Creates the envs a welcome asks for and answers requests for them."""
 
+    compact: compact.StepLayout | None = None  # the compact step frames' layout, where the spaces allow
+
     def __init__(self, welcome: P.Welcome, vectorization: str = "sync") -> None:
         self.welcome = welcome
         self.single = welcome.mode == P.MODE_SINGLE
@@ -384,6 +387,10 @@ class EnvHost:
                 "render_mode": first_spaces[2],
                 "metadata": _jsonable_metadata(first_spaces[3]),
             }
+            self.compact = compact.layout_for(self._ready["observation_space"], self._ready["action_space"],
+                                              welcome.num_envs, self.single)
+            if self.compact is not None:
+                self._ready["compact"] = True
         except BaseException:
             self.close()
             raise

@@ -35,6 +35,8 @@ from aiohttp import web
 
 from . import codec, loops
 from . import frames as F
+from .compact import REPLY as COMPACT_REPLY
+from .compact import StepLayout, layout_for
 from . import protocol as P
 from .errors import (
     ConnectTimeoutError,
@@ -83,6 +85,7 @@ class WorkerConn:
     unknown: int = 0  # replies to unknown requests not logged yet (logged at most once a second)
     unknown_logged_at: float = float("-inf")
     ping_at: float | None = None  # loop time of an unanswered heartbeat ping
+    compact: StepLayout | None = None  # its step frames' compact layout, when the worker takes them
 
     @property
     def stop(self) -> int:
@@ -242,6 +245,7 @@ class WorkerPool:
         self._call_lock = threading.Lock()
         self._plock = threading.Lock()  # conn.alive and conn.pending, between caller and loop
         self._direct = not loops.switched_off("WS_GYM_DIRECT")  # caller-thread writes (see wire.py)
+        self._compact = not loops.switched_off("WS_GYM_COMPACT")  # compact step frames (see compact.py)
         # seconds a waiting caller reads its replies itself before it sleeps (0: the loop reads)
         self.busy_poll = busy_poll if self._direct else 0.0
         self._idle_poller: asyncio.Future | None = None
@@ -445,6 +449,10 @@ class WorkerPool:
                 raise ProtocolError(f"expected ready, got {msg.kind!r}")
             ready = P.parse_ready(msg.body)
             self._check_ready(ready, conn)
+            if ready.compact and self._compact:
+                known = self.expect.ready
+                conn.compact = layout_for(known.observation_space, known.action_space, conn.count,
+                                          self.expect.mode == P.MODE_SINGLE)
         except BaseException:
             self._release(conn)
             raise
@@ -555,7 +563,11 @@ class WorkerPool:
         conn.last_rx = self._loop.time()
         pending = conn.pending
         try:
-            reply = codec.decode(data)
+            if conn.compact is not None and data[:4] == COMPACT_REPLY:
+                rid, body = conn.compact.decode_reply(data)
+                reply = codec.Message(P.OK, rid, body)
+            else:
+                reply = codec.decode(data)
         except ProtocolError as exc:
             log.warning("%s sent a malformed frame: %s", conn.origin, exc)
             # Which request it answers is unknown: fail what this worker owes now
@@ -821,7 +833,10 @@ class WorkerPool:
             batch = []
             for conn, kind, body in items:
                 rid = next(self._req_ids)
-                batch.append((conn, rid, codec.encode(kind, rid, body, strict=True)))
+                frame = None
+                if kind == P.STEP and conn.compact is not None:
+                    frame = conn.compact.encode_request(rid, body["a"])
+                batch.append((conn, rid, frame or codec.encode(kind, rid, body, strict=True)))
             call = _Call(len(batch))
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode

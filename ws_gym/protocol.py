@@ -11,13 +11,15 @@ Handshake (worker dials the trainer)::
     trainer -> welcome  {env_id, env_kwargs, num_envs, first_index, mode,
                          autoreset_mode, max_episode_steps,
                          record_episode_statistics, heartbeat}  | refuse {reason}
-    worker  -> ready    {observation_space, action_space, render_mode, metadata}
-                                                                 | error {...}
+    worker  -> ready    {observation_space, action_space, render_mode, metadata,
+                         compact?}                               | error {...}
     trainer -> accept   {}                                       | refuse {reason}
 
 Then the trainer sends requests (``reset``, ``step``, ``render``, ``call``,
 ``set_attr``, ``close``), each with a fresh id, and the worker answers each with
-exactly one ``ok`` or ``error`` carrying the same id.
+exactly one ``ok`` or ``error`` carrying the same id. A worker whose ready
+says ``compact: true`` also takes ``step`` requests as compact frames and
+answers them in kind where the result fits (see :mod:`ws_gym.compact`).
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ class Ready:
     action_space: dict
     render_mode: str | None
     metadata: dict
+    compact: bool = False  # the worker takes compact step frames (ws_gym.compact)
 
 
 def _plain_json(value: Any, depth: int = 0) -> bool:
@@ -198,7 +201,8 @@ def parse_ready(body: Any) -> Ready:
         raise ProtocolError("ready: a space schema holds a value that is not plain JSON")
     render_mode = _field(body, "render_mode", (str,), "ready", optional=True)
     metadata = _field(body, "metadata", (dict,), "ready", optional=True) or {}
-    return Ready(obs, act, render_mode, metadata)
+    compact = _field(body, "compact", (bool,), "ready", optional=True) or False
+    return Ready(obs, act, render_mode, metadata, compact)
 
 
 def parse_retry(body: Any) -> bool:

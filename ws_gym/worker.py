@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import aiohttp
 import orjson
 
-from . import codec, loops
+from . import codec, compact, loops
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import VECTORIZATIONS, EnvHost, check_vectorization
@@ -338,6 +338,19 @@ class Worker:
     @staticmethod
     def answer(host: EnvHost, data: Any) -> tuple[bytes, bool]:
         """The reply frame to one request, and whether it was the trainer's close."""
+        layout = host.compact
+        if layout is not None and data[:4] == compact.REQUEST:  # a step, laid out by the handshake
+            try:
+                rid, actions = layout.decode_request(data)
+            except ProtocolError as exc:
+                log.warning("ignoring a malformed request: %s", exc)
+                return codec.encode(P.ERROR, 0, P.error_body(exc)), False
+            try:
+                result = host.handle(P.STEP, {"a": actions})
+                frame = layout.encode_reply(rid, result) or codec.encode(P.OK, rid, result)
+            except Exception as exc:  # the env's error goes back to the trainer
+                frame = codec.encode(P.ERROR, rid, P.error_body(exc))
+            return frame, False
         try:
             req = codec.decode(data)
         except ProtocolError as exc:

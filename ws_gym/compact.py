@@ -1,0 +1,197 @@
+"""Compact step frames: the hot messages without a JSON header (no I/O).
+
+A ``step`` request and its ``ok`` reply are most of the traffic, and their
+shape never changes: one action batch out, observations, rewards and flags
+back. Both sides know that shape from the handshake's space schemas, so these
+two messages can skip the general codec (JSON header, body tree). A frame is::
+
+    magic (4 bytes) | layout tag u32 | request id u64 | raw array bytes
+
+``REQUEST`` carries the action batch. ``REPLY`` carries the observations,
+padded to 8 bytes, then the rewards (float64), terminated and truncated (one
+byte each, 0 or 1): batches of ``count`` in vector mode, one value each for a
+single env. The tag is a checksum of the layout, so a frame laid out for other
+spaces is refused instead of misread. Decoding is ``numpy.frombuffer`` on the
+frame: read-only views, no copy.
+
+Only exact matches take this path: the action or observation array must have
+the layout's dtype and shape, rewards must be float64 (``float`` for a single
+env), the flags bool, and there must be no infos. Anything else (an info, a
+reward of another type, a ragged observation) is sent by :mod:`ws_gym.codec`
+as before, so results are the same value for value, type for type. A worker
+says in its ``ready`` that it understands these frames; the trainer sends them
+only then, and a worker answers in kind only to a compact request.
+
+The magics cannot begin a general frame: read as its header length, each is
+over 4 GB, far above any message size limit.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces as gs
+from gymnasium.vector.utils import batch_space
+
+from .errors import ProtocolError
+from .spaces import schema_to_space
+
+__all__ = ["REQUEST", "REPLY", "StepLayout", "layout_for"]
+
+REQUEST = b"WSs\xf7"
+REPLY = b"WSr\xf7"
+_HEAD = struct.Struct("<4sIQ")  # magic, layout tag, request id
+_SCALARS = struct.Struct("<d??")  # a single env's reward, terminated, truncated
+_ARRAY_SPACES = (gs.Box, gs.Discrete, gs.MultiDiscrete, gs.MultiBinary)
+_F8 = np.dtype(np.float64)
+_B1 = np.dtype(np.bool_)
+
+
+def layout_for(observation_schema: dict, action_schema: dict, count: int, single: bool) -> "StepLayout | None":
+    """The compact layout for a worker's envs, or None where their spaces are
+    not plain arrays (Dict, Tuple, Text, ...: those steps use the codec)."""
+    try:
+        obs_space = schema_to_space(observation_schema)
+        act_space = schema_to_space(action_schema)
+    except ProtocolError:
+        return None
+    if not (isinstance(obs_space, _ARRAY_SPACES) and isinstance(act_space, _ARRAY_SPACES)):
+        return None
+    if not single:
+        obs_space, act_space = batch_space(obs_space, count), batch_space(act_space, count)
+    obs_dtype, act_dtype = np.dtype(obs_space.dtype), np.dtype(act_space.dtype)
+    if obs_dtype.kind not in "biuf" or act_dtype.kind not in "biuf":
+        return None
+    return StepLayout(act_dtype, tuple(act_space.shape), obs_dtype, tuple(obs_space.shape), count, single)
+
+
+class StepLayout:
+    """Where each part of a compact step frame sits, for one worker's envs."""
+
+    def __init__(self, act_dtype: np.dtype, act_shape: tuple, obs_dtype: np.dtype, obs_shape: tuple,
+                 count: int, single: bool) -> None:
+        self.act_dtype, self.act_shape = act_dtype, act_shape
+        self.obs_dtype, self.obs_shape = obs_dtype, obs_shape
+        self.single = single
+        self.count = count
+        head = _HEAD.size
+        self.act_count = int(np.prod(act_shape, dtype=np.int64))
+        self.request_size = head + self.act_count * act_dtype.itemsize
+        self.obs_count = int(np.prod(obs_shape, dtype=np.int64))
+        obs_bytes = self.obs_count * obs_dtype.itemsize
+        self.rew_at = head + obs_bytes + (-obs_bytes % 8)
+        n = 1 if single else count
+        self.flags_at = self.rew_at + 8 * n
+        self.reply_size = self.flags_at + 2 * n
+        self._pad = b"\0" * (-obs_bytes % 8)
+        text = f"{act_dtype.str}{act_shape}|{obs_dtype.str}{obs_shape}|{count}|{'single' if single else 'vector'}"
+        self.tag = zlib.crc32(text.encode())
+        self._scalar_action = single and act_shape == ()
+
+    def __repr__(self) -> str:
+        return (f"StepLayout(actions {self.act_dtype.str}{list(self.act_shape)}, "
+                f"observations {self.obs_dtype.str}{list(self.obs_shape)}, tag {self.tag:#010x})")
+
+    # -- trainer -> worker ----------------------------------------------------
+
+    def encode_request(self, req_id: int, actions: Any) -> bytes | None:
+        """A compact ``step`` request, or None when ``actions`` is not exactly
+        of the layout (the caller then uses the codec)."""
+        t = type(actions)
+        if t is np.ndarray:
+            if actions.dtype != self.act_dtype or actions.shape != self.act_shape:
+                return None
+            if self._scalar_action:  # a 0-d array stays one on the generic path
+                return None
+        elif self._scalar_action and isinstance(actions, np.generic):  # Discrete.sample(): np.int64
+            if actions.dtype != self.act_dtype:
+                return None
+            actions = np.asarray(actions)
+        else:
+            return None
+        if not actions.flags.c_contiguous:
+            actions = np.ascontiguousarray(actions)
+        return _HEAD.pack(REQUEST, self.tag, req_id) + actions.tobytes()
+
+    def decode_request(self, frame: bytes | bytearray | memoryview) -> tuple[int, Any]:
+        """The request id and the actions (a read-only view) of a compact request."""
+        _, req_id = self._check(frame, REQUEST, self.request_size)
+        actions = _view(frame, self.act_dtype, self.act_count, _HEAD.size)
+        if self._scalar_action:
+            return req_id, actions[0]
+        return req_id, actions.reshape(self.act_shape)
+
+    # -- worker -> trainer ----------------------------------------------------
+
+    def encode_reply(self, req_id: int, result: Any) -> bytes | None:
+        """A compact ``ok`` reply to a step, or None when the result does not
+        fit the layout exactly (the caller then uses the codec)."""
+        if type(result) is not dict:
+            return None
+        obs = result.get("o")
+        if type(obs) is not np.ndarray or obs.dtype != self.obs_dtype or obs.shape != self.obs_shape:
+            return None
+        r, t, u = result.get("r"), result.get("t"), result.get("u")
+        if self.single:
+            if len(result) != 5 or type(r) is not float or type(t) is not bool or type(u) is not bool:
+                return None
+            info = result.get("info")
+            if type(info) is not dict or info:
+                return None
+            tail = _SCALARS.pack(r, t, u)
+        else:
+            log = result.get("f")
+            if len(result) != 5 or type(log) is not list or log:
+                return None
+            n = (self.count,)
+            for arr, dtype in ((r, _F8), (t, _B1), (u, _B1)):
+                if type(arr) is not np.ndarray or arr.dtype != dtype or arr.shape != n:
+                    return None
+            tail = b"".join((_raw(r), _raw(t), _raw(u)))
+        return b"".join((_HEAD.pack(REPLY, self.tag, req_id), _raw(obs), self._pad, tail))
+
+    def decode_reply(self, frame: bytes | bytearray | memoryview) -> tuple[int, dict]:
+        """The request id and the body of a compact reply, as the codec would
+        give it: read-only array views, and ``[]`` / ``{}`` for the infos."""
+        _, req_id = self._check(frame, REPLY, self.reply_size)
+        if bytes(frame[self.flags_at:]).translate(None, b"\0\1"):  # cheaper than numpy for a few bytes
+            raise ProtocolError("a compact step reply has a flag byte other than 0 or 1")
+        obs = _view(frame, self.obs_dtype, self.obs_count, _HEAD.size).reshape(self.obs_shape)
+        if self.single:
+            r, t, u = _SCALARS.unpack_from(frame, self.rew_at)
+            return req_id, {"o": obs, "r": r, "t": t, "u": u, "info": {}}
+        n = self.count
+        r = _view(frame, _F8, n, self.rew_at)
+        flags = _view(frame, _B1, 2 * n, self.flags_at)
+        return req_id, {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
+
+    def _check(self, frame: Any, magic: bytes, size: int) -> tuple[int, int]:
+        if len(frame) != size:
+            raise ProtocolError(f"a compact step frame of {len(frame)} bytes; this layout has {size}")
+        got, tag, req_id = _HEAD.unpack_from(frame, 0)
+        if got != magic:
+            raise ProtocolError("not a compact step frame of the expected kind")
+        if tag != self.tag:
+            raise ProtocolError(f"a compact step frame for another layout (tag {tag:#010x}, expected {self.tag:#010x})")
+        return tag, req_id
+
+
+def _view(frame: Any, dtype: np.dtype, count: int, offset: int) -> np.ndarray:
+    """Read-only, as the codec's views, whatever buffer the frame is."""
+    arr = np.frombuffer(frame, dtype, count, offset)
+    if arr.flags.writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+def _raw(arr: np.ndarray) -> Any:
+    """The array's bytes for ``join``: a view where numpy allows one, else a copy."""
+    if arr.flags.c_contiguous and arr.ndim:
+        try:
+            return arr.data.cast("B")
+        except (TypeError, ValueError, NotImplementedError):  # a format memoryview cannot cast
+            pass
+    return arr.tobytes()
