@@ -6,6 +6,11 @@ Measures env-steps per second, side by side in one run, for:
   nothing to make, so only the transport is measured), each in
   ``RemoteVectorEnv`` (2 local workers on loopback), ``SyncVectorEnv`` and
   ``AsyncVectorEnv(shared_memory=True)``;
+* the same 8 envs over 2 processes with no protocol at all (``bare pipes``:
+  raw array bytes over ``multiprocessing`` pipes, gymnasium's SyncVectorEnv in
+  each process, no checks, no infos): the floor of any design that steps the
+  envs in other processes on this machine, so ``remote / bare pipes`` says how
+  close ws_gym comes to the wire's limit;
 * one remote CartPole-v1 (``gym.make("ws_gym/Remote-v0", ...)``) next to
   ``gym.make("CartPole-v1")`` in process, with the default settings (busy
   polling is on where a core is spare, as here with one local worker) and with
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, Callable
 
+import multiprocessing
 import gymnasium as gym
 import numpy as np
 
@@ -88,6 +94,86 @@ class Case:
         return statistics.median(self.rates)
 
 
+def _bare_worker(conn: Any, env_id: str, num_envs: int) -> None:
+    """One process of :class:`BarePipes`: step on each message, answer raw bytes."""
+    envs = gym.make_vec(env_id, num_envs, vectorization_mode="sync")
+    shape, dtype = envs.action_space.shape, envs.action_space.dtype
+    try:
+        while True:
+            data = conn.recv_bytes()
+            if data == b"close":
+                return
+            if data[:5] == b"reset":
+                obs, _ = envs.reset(seed=int(data[5:]))
+                conn.send_bytes(obs.tobytes())
+                continue
+            obs, rew, term, trunc, _ = envs.step(np.frombuffer(data, dtype).reshape(shape))
+            conn.send_bytes(b"".join((obs.tobytes(), rew.tobytes(), term.tobytes(), trunc.tobytes())))
+    finally:
+        envs.close()
+
+
+class BarePipes:
+    """``num_envs`` envs split over ``workers`` processes with no protocol: the floor.
+
+    The least any design can do: one message of raw action bytes to each process,
+    one of raw result bytes back, one copy into the batch. No validation, no
+    infos, no error handling: a measuring stick, not an env to use.
+    """
+
+    def __init__(self, env_id: str, num_envs: int, workers: int) -> None:
+        probe = gym.make_vec(env_id, num_envs, vectorization_mode="sync")
+        self.action_space = probe.action_space
+        self._obs_space = probe.single_observation_space
+        probe.close()
+        self.num_envs = num_envs
+        bounds = [round(i * num_envs / workers) for i in range(workers + 1)]
+        self._parts = list(zip(bounds, bounds[1:]))
+        self._conns, self._procs = [], []
+        for a, b in self._parts:
+            parent, child = multiprocessing.Pipe()
+            proc = multiprocessing.Process(target=_bare_worker, args=(child, env_id, b - a), daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    def reset(self, seed: int = 0) -> tuple[np.ndarray, dict]:
+        for i, conn in enumerate(self._conns):
+            conn.send_bytes(b"reset%d" % (seed + i * 1000))
+        space = self._obs_space
+        obs = np.concatenate([np.frombuffer(c.recv_bytes(), space.dtype).reshape(-1, *space.shape)
+                              for c in self._conns])
+        return obs, {}
+
+    def step(self, actions: np.ndarray) -> tuple:
+        actions = np.asarray(actions)
+        for (a, b), conn in zip(self._parts, self._conns):
+            conn.send_bytes(actions[a:b].tobytes())
+        space, n = self._obs_space, self.num_envs
+        obs = np.empty((n, *space.shape), space.dtype)
+        rew, term, trunc = np.empty(n), np.empty(n, np.bool_), np.empty(n, np.bool_)
+        for (a, b), conn in zip(self._parts, self._conns):
+            data = conn.recv_bytes()
+            k, at = b - a, obs[a:b].nbytes
+            obs[a:b] = np.frombuffer(data, space.dtype, obs[a:b].size).reshape(k, *space.shape)
+            rew[a:b] = np.frombuffer(data, np.float64, k, at)
+            term[a:b] = np.frombuffer(data, np.bool_, k, at + 8 * k)
+            trunc[a:b] = np.frombuffer(data, np.bool_, k, at + 9 * k)
+        return obs, rew, term, trunc, {}
+
+    def close(self) -> None:
+        for conn, proc in zip(self._conns, self._procs):
+            try:
+                conn.send_bytes(b"close")
+            except OSError:
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+            conn.close()
+
+
 def make_cases(args: argparse.Namespace) -> list[Case]:
     n, w = args.num_envs, args.workers
     cases = []
@@ -103,6 +189,7 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
             Case(short, "async", vector=True, num_envs=n,
                  make=lambda e=env_id: gym.make_vec(e, n, vectorization_mode="async",
                                                     vector_kwargs={"shared_memory": True})),
+            Case(short, "bare pipes", vector=True, num_envs=n, make=lambda e=env_id: BarePipes(e, n, w)),
         ]
     cases += [
         Case(f"single {CARTPOLE}", "remote", vector=False, num_envs=1,
@@ -120,9 +207,9 @@ def ratio_pairs(cases: list[Case]) -> list[tuple[str, Case, Case]]:
     """(label, remote case, baseline case) for each ratio line."""
     by_key = {(c.workload, c.kind): c for c in cases}
     pairs = []
-    for workload, base in (("CartPole-v1", "sync"), ("CartPole-v1", "async"),
+    for workload, base in (("CartPole-v1", "sync"), ("CartPole-v1", "async"), ("CartPole-v1", "bare pipes"),
                            ("StaticImage-v0", "sync"), ("StaticImage-v0", "async"),
-                           (f"single {CARTPOLE}", "in-process")):
+                           ("StaticImage-v0", "bare pipes"), (f"single {CARTPOLE}", "in-process")):
         pairs.append((f"{workload}: remote / {base}", by_key[workload, "remote"], by_key[workload, base]))
     single = f"single {CARTPOLE}"
     pairs.append((f"{single}: remote no-poll / in-process", by_key[single, "remote no-poll"],
