@@ -67,6 +67,26 @@ def test_a_mask_is_fresh_for_every_frame():
     assert len(keys) > 40
 
 
+@pytest.mark.parametrize("size", [0, 5, 2048, 70_000])
+def test_the_zero_key_frames_parse_everywhere_and_cost_no_xor(size, monkeypatch):
+    payload = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    head, body = F.frame(F.OP_BINARY, payload, masked=True, key=F.ZERO_KEY)
+    assert body is payload  # no copy, no XOR
+    assert head[1] & 0x80 and head[-4:] == F.ZERO_KEY
+    # an RFC 6455 frame like any other: a generic unmask gives the payload back
+    assert xor_reference(bytes(body), head[-4:]) == payload
+    called = []
+    real = F.mask
+    monkeypatch.setattr(F, "mask", lambda *a, **k: called.append(1) or real(*a, **k))
+    for sizes in ([], [1], [3, 1000]):
+        parser = F.FrameParser(max_size=1 << 20, masked=True)
+        assert feed_in_chunks(parser, (head + payload) * 2, sizes) == [(F.OP_BINARY, payload)] * 2
+    assert called == []  # the parser skips the XOR with zeros
+    random_key = b"".join(F.frame(F.OP_BINARY, payload, masked=True))
+    assert feed_in_chunks(F.FrameParser(max_size=1 << 20, masked=True), random_key, []) == [(F.OP_BINARY, payload)]
+    assert called  # and unmasks any other key
+
+
 @settings(max_examples=200, derandomize=True, deadline=None)
 @given(
     messages=st.lists(st.tuples(st.sampled_from([F.OP_BINARY, F.OP_TEXT, F.OP_PING, F.OP_PONG]),

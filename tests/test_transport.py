@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import ws_gym
+from ws_gym import frames as F
 from ws_gym import loops
 
 from .conftest import assert_same
@@ -48,16 +49,23 @@ def test_local_workers_use_a_private_unix_socket(monkeypatch, unix):
     monkeypatch.setenv("WS_GYM_UNIX", unix)
     envs = gym.make_vec("ws_gym/Remote-v0", num_envs=4, env_id="CartPole-v1", port=0, local_workers=2)
     try:
+        # Frames from workers on the private socket are masked with the zero key, which the
+        # trainer's parser does not XOR (frames.ZERO_KEY); over TCP each has a random key.
+        unmasked = []
+        real_mask = F.mask
+        monkeypatch.setattr(F, "mask", lambda data, key, **kw: unmasked.append(key) or real_mask(data, key, **kw))
         run_and_compare(envs)
         path = envs._trainer.pool.unix_path
         socknames = [c.transport.get_extra_info("sockname") for c in envs._trainer.pool._conns]
         if unix == "1":
+            assert unmasked == []
             assert socknames == [path, path]
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
             assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
         else:
             assert path is None
             assert all(isinstance(s, tuple) and s[0] == "127.0.0.1" for s in socknames)
+            assert len(unmasked) >= 2 * 61 and F.ZERO_KEY not in unmasked  # a reset and 60 steps, 2 workers
         envs.close()
         if path is not None:
             assert not os.path.exists(os.path.dirname(path))

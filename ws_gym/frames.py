@@ -41,6 +41,10 @@ _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 _SMALL = 2048  # below this, masking with Python ints beats numpy's call overhead
 _randbits = random.getrandbits  # masking keys need not be secret; aiohttp uses the same
+# Masking protects HTTP intermediaries from bytes a script chose (RFC 6455, 10.3). On
+# the trainer's private Unix socket there is none, so local workers mask with this key:
+# XOR with zeros, which both sides skip. The frames stay frames any server can read.
+ZERO_KEY = b"\0\0\0\0"
 
 
 class FrameError(ProtocolError):
@@ -77,8 +81,10 @@ def mask(payload: bytes | bytearray | memoryview, key: bytes, *, inplace: bool =
     return out
 
 
-def frame(opcode: int, payload: bytes | bytearray | memoryview = b"", *, masked: bool = False) -> list:
-    """The bytes of one final frame: ``[header, payload]`` (a client masks its payload)."""
+def frame(opcode: int, payload: bytes | bytearray | memoryview = b"", *, masked: bool = False,
+          key: bytes | None = None) -> list:
+    """The bytes of one final frame: ``[header, payload]`` (a client masks its payload,
+    with a fresh random key unless ``key`` is given)."""
     n = len(payload)
     mbit = 0x80 if masked else 0
     b0 = 0x80 | opcode
@@ -90,7 +96,10 @@ def frame(opcode: int, payload: bytes | bytearray | memoryview = b"", *, masked:
         head = _HEAD64.pack(b0, mbit | 127, n)
     if not masked:
         return [head, payload]
-    key = _randbits(32).to_bytes(4, "little")
+    if key is None:
+        key = _randbits(32).to_bytes(4, "little")
+    elif key == ZERO_KEY:
+        return [head + key, payload]
     return [head + key, mask(payload, key)]
 
 
@@ -182,6 +191,8 @@ class FrameParser:
                 (length,) = _U64.unpack_from(data, at)
                 at += 8
             key = bytes(view[at : at + 4]) if has_mask else None
+            if key == ZERO_KEY:  # XOR with zeros: the payload as it is
+                key = None
             at += 4 if has_mask else 0
             if op in _CONTROL_OPS:
                 if not fin or length > 125:

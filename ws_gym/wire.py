@@ -81,6 +81,7 @@ class FrameConnection(asyncio.Protocol):
         self.ended = False  # the stream ended or broke; the loop is finishing the connection
         self.rlock = threading.RLock()  # polled: one reader at a time (the loop may re-enter)
         self.poll_after = 0.0  # seconds to keep reading after a message was handled (a worker's busy poll)
+        self.mask_key: bytes | None = None  # a client's fixed masking key (F.ZERO_KEY on a private Unix socket)
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, **kwargs: Any) -> tuple["FrameConnection", Any]:
@@ -234,7 +235,7 @@ class FrameConnection(asyncio.Protocol):
 
     def send_from_thread(self, payload: bytes | bytearray | memoryview) -> None:
         """Write one binary message from any thread (raises ConnectionResetError once closed)."""
-        head, body = F.frame(F.OP_BINARY, payload, masked=self.client)
+        head, body = F.frame(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
         data = head + body if len(body) < 65536 else None  # big bodies: sendmsg, no join
         with self._wlock:
             sock = self._direct
@@ -273,7 +274,7 @@ class FrameConnection(asyncio.Protocol):
         self._send(F.OP_PING, payload)
 
     def _send(self, op: int, payload: bytes | bytearray | memoryview) -> None:
-        head, body = F.frame(op, payload, masked=self.client)
+        head, body = F.frame(op, payload, masked=self.client, key=self.mask_key)
         if self._direct is not None:  # keep the order with send_from_thread's writes
             with self._wlock:
                 if self._queued:

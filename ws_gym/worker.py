@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 
 from . import codec, compact, loops
+from . import frames as F
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import VECTORIZATIONS, EnvHost, check_vectorization
@@ -408,6 +409,8 @@ class _WireLink:
             transport, client=True, max_size=worker.max_msg_size, loop=self.loop,
             on_message=self._on_message, on_control=self._heard,
         )
+        if worker.unix_socket:  # the trainer's private socket: no intermediary to protect (frames.py)
+            self.wire.mask_key = F.ZERO_KEY
 
     @classmethod
     def take_over(cls, ws: aiohttp.ClientWebSocketResponse, worker: Worker) -> "_WireLink | None":
