@@ -14,8 +14,8 @@ process on loopback, measured in one run, interleaved, same message sizes:
     reads and everyone sleeps while waiting, as in the baselines.
 ``aiohttp hand-off, client = ws_gym's worker code``
     The topology below, but the client process does what a ws_gym worker
-    does with each frame (decode, ``EnvHost.handle`` of a NoOp env, encode):
-    against it, ws_gym's ratio isolates the trainer side.
+    does with each frame (``Worker.answer``: decode, ``EnvHost.handle`` of a
+    NoOp env, encode): against it, ws_gym's ratio isolates the trainer side.
 ``aiohttp, thread hand-off``
     The same topology with nothing of ws_gym's: an aiohttp WebSocket server
     on an event loop in a background thread of this process; the caller's
@@ -36,7 +36,7 @@ process on loopback, measured in one run, interleaved, same message sizes:
     reply of that size. No WebSocket framing, no event loop: the floor.
 
 The request and reply sizes are those of ws_gym's own step frames for this
-env (printed). Event loops are the ones ws_gym uses (uvloop when installed,
+env (compact frames, ``ws_gym/compact.py``; printed). Event loops are the ones ws_gym uses (uvloop when installed,
 ``WS_GYM_UVLOOP=0`` for asyncio's), on both sides, for every case.
 
 Columns: wall-clock microseconds per round trip (median over repetitions),
@@ -95,11 +95,10 @@ def echo_client(kind: str, address: str, request_size: int, reply_size: int) -> 
         host = EnvHost(P.Welcome(env_id="ws_gym/NoOp-v0", env_kwargs={}, num_envs=1, first_index=0,
                                  mode=P.MODE_VECTOR, autoreset_mode="NextStep", max_episode_steps=None))
         host.handle(P.RESET, {"seeds": [0]})
-        decode, encode, handle, OK = codec.decode, codec.encode, host.handle, P.OK
+        from ws_gym.worker import Worker
 
-        def work(data: bytes) -> bytes:
-            req = decode(data)
-            return encode(OK, req.id, handle(req.kind, req.body))
+        def work(data: bytes) -> bytes:  # the worker's own answer: compact frames in and out
+            return Worker.answer(host, data)[0]
 
         answer = work
 
@@ -333,26 +332,32 @@ def main() -> int:
     args = parse_args()
     import logging
 
+    import gymnasium as gym
     import numpy as np
 
     import ws_gym
-    from ws_gym import codec, loops
-    from ws_gym import protocol as P
+    from ws_gym import loops
 
     logging.basicConfig(level=logging.WARNING)
 
-    # ws_gym's own step frames for this env: the baselines send exactly these sizes.
+    # ws_gym's own step frames for this env (compact frames: ws_gym/compact.py); the
+    # baselines send exactly these sizes.
+    from ws_gym.compact import layout_for
+    from ws_gym.spaces import space_to_schema
+
     action = np.zeros(1, np.int64)
-    request = codec.encode(P.STEP, 1_000_000, {"a": action})
-    reply_size = len(codec.encode(P.OK, 1_000_000, {
-        "o": np.zeros((1, 1), np.float32), "r": np.zeros(1, np.float64),
-        "t": np.zeros(1, np.bool_), "u": np.zeros(1, np.bool_), "f": [],
-    }))
+    probe = gym.make("ws_gym/NoOp-v0")
+    layout = layout_for(space_to_schema(probe.observation_space), space_to_schema(probe.action_space), 1, False)
+    result = {"o": np.zeros((1, *probe.observation_space.shape), probe.observation_space.dtype),
+              "r": np.zeros(1, np.float64), "t": np.zeros(1, np.bool_), "u": np.zeros(1, np.bool_), "f": []}
+    probe.close()
+    request = layout.encode_request(1_000_000, action)
+    reply_size = len(layout.encode_reply(1_000_000, result))
 
     print(f"python {sys.version.split()[0]}, ws_gym {ws_gym.__version__}, event loop "
           f"{loops.loop_name(loops.new_event_loop())}; load average "
           f"{[round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else '?'}")
-    print(f"request {len(request)} B, reply {reply_size} B (ws_gym's step frames for 1 x ws_gym/NoOp-v0); "
+    print(f"request {len(request)} B, reply {reply_size} B (ws_gym's compact step frames for 1 x ws_gym/NoOp-v0); "
           f"{args.steps} timed round trips after {args.warmup} warm-up, {args.repeats} interleaved repetitions\n",
           flush=True)
 

@@ -103,7 +103,7 @@ class _Call:
     caller's thread too: the counting is done under one small lock.
     """
 
-    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant")
+    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "sink")
 
     def __init__(self, n: int) -> None:
         self.lock = threading.Lock()
@@ -114,6 +114,8 @@ class _Call:
         self.done = False
         self.batch: list = []
         self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
+        # sink(idx, body, exact): takes each ok body on the thread that read it (see submit)
+        self.sink: Callable[[int, Any, bool], None] | None = None
 
     def answer(self, idx: int, value: Any) -> None:
         """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
@@ -562,10 +564,12 @@ class WorkerPool:
         """One binary message from a worker, inside the transport's data_received."""
         conn.last_rx = self._loop.time()
         pending = conn.pending
+        exact = False  # a compact reply: exactly of the layout, checked already
         try:
             if conn.compact is not None and data[:4] == COMPACT_REPLY:
                 rid, body = conn.compact.decode_reply(data)
                 reply = codec.Message(P.OK, rid, body)
+                exact = True
             else:
                 reply = codec.decode(data)
         except ProtocolError as exc:
@@ -586,6 +590,12 @@ class WorkerPool:
             return
         call, idx = entry
         if reply.kind == P.OK:
+            if call.sink is not None:
+                try:
+                    call.sink(idx, reply.body, exact)
+                except ProtocolError as exc:
+                    call.fail(exc)
+                    return
             call.answer(idx, reply.body)
         elif reply.kind == P.ERROR:
             call.fail(P.parse_error(reply.body, conn.origin))
@@ -821,11 +831,15 @@ class WorkerPool:
         """
         return self.wait(self.submit(items), timeout)
 
-    def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False) -> "_Call":
+    def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False,
+               sink: Callable[[int, Any, bool], None] | None = None) -> "_Call":
         """Encode and send the requests without waiting; :meth:`wait` collects the replies.
 
         ``tolerant`` (wait mode only): a worker lost meanwhile gives :data:`LOST`
-        as its reply instead of failing the call.
+        as its reply instead of failing the call. ``sink(idx, body, exact)`` is
+        given each ``ok`` body as soon as it is read, on the thread that read it
+        (``exact``: a compact reply, of the layout); a ProtocolError it raises
+        fails the call.
         """
         if self._closed:
             raise WsGymError("the trainer is closed")
@@ -840,6 +854,7 @@ class WorkerPool:
             call = _Call(len(batch))
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode
+            call.sink = sink
             if not batch:
                 call.finish()
             elif self._direct:

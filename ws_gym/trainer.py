@@ -337,8 +337,8 @@ class Trainer:
     def request(self, items: list[tuple[Any, str, Any]], timeout: float | None = -1) -> list[Any]:
         return self.pool.request(items, self.step_timeout if timeout == -1 else timeout)
 
-    def submit(self, items: list[tuple[Any, str, Any]], tolerant: bool = False) -> Any:
-        return self.pool.submit(items, tolerant)
+    def submit(self, items: list[tuple[Any, str, Any]], tolerant: bool = False, sink: Any = None) -> Any:
+        return self.pool.submit(items, tolerant, sink)
 
     def wait(self, call: Any, timeout: float | None = -1) -> list[Any]:
         return self.pool.wait(call, self.step_timeout if timeout == -1 else timeout)

@@ -191,8 +191,9 @@ class RemoteVectorEnv(VectorEnv):
         self._last: list[tuple[int, int, Any]] = []  # (start, stop, obs batch): the latest observations
         self._raw_infos: list[tuple[int, list]] = []  # (first env, info log): the latest, unmerged
         self._ended: np.ndarray | None = None  # wait mode: which envs' last result ended their episode
-        self._pending: tuple[Any, Any, Any] | None = None  # a step_async awaiting step_wait
+        self._pending: tuple[Any, Any, Any, Any] | None = None  # a step_async awaiting step_wait
         self._single_obs = self._single_act = self._obs = self._act = None
+        self._batched_obs = False
         self._render_mode = render_mode
         self.closed = False
         if self._trainer.pool.expect.ready is not None or local_workers:
@@ -207,6 +208,7 @@ class RemoteVectorEnv(VectorEnv):
     def _load_spaces(self) -> None:
         obs, act, ready = self._trainer.spaces()
         self._single_obs, self._single_act = obs, act
+        self._batched_obs = isinstance(obs, _ARRAY_SPACES)  # steps fill a _StepBatch
         self._obs = batch_space(obs, self.num_envs)
         self._act = batch_space(act, self.num_envs)
         self.metadata = {**ready.metadata, "autoreset_mode": self.autoreset_mode}
@@ -382,7 +384,8 @@ class RemoteVectorEnv(VectorEnv):
         else:
             space = self._single_act
             items = [(w, P.STEP, {"a": cut(space, actions, w.start, w.stop)}) for w in workers]
-        self._pending = (trainer.submit(items), workers, None)
+        batch = _StepBatch(self._single_obs, self.num_envs, workers) if self._batched_obs else None
+        self._pending = (trainer.submit(items, sink=batch and batch.fill), workers, None, batch)
 
     def _step_around_holes(self, actions: Any) -> tuple[Any, None, list]:
         """Wait mode: step the envs that have a worker. A worker that joined since
@@ -405,7 +408,7 @@ class RemoteVectorEnv(VectorEnv):
             else:
                 items.append((w, P.STEP, {"a": cut(space, actions, a, b)}))
                 plan.append((a, b, w, "step"))
-        return self._trainer.submit(items, tolerant=True), None, plan
+        return self._trainer.submit(items, tolerant=True), None, plan, None
 
     def step_wait(
         self, timeout: float | None = None
@@ -414,21 +417,24 @@ class RemoteVectorEnv(VectorEnv):
         seconds (default: the env's ``step_timeout``)."""
         if self._pending is None:
             raise NoAsyncCallError("calling `step_wait` without any prior call to `step_async`.", "step")
-        call, workers, plan = self._pending
+        call, workers, plan, batch = self._pending
         self._pending = None
         replies = self._trainer.wait(call, -1 if timeout is None else timeout)
         if plan is not None:
             return self._join_around_holes(plan, replies)
         infos: dict[str, Any] = {}
         space = self._single_obs
-        for w, reply in zip(workers, replies):
-            check_reply(reply, w.count, space, w.origin, step=True)
+        if batch is None:
+            for w, reply in zip(workers, replies):
+                check_reply(reply, w.count, space, w.origin, step=True)
         for w, reply in zip(workers, replies):
             if reply["f"]:
                 for i, info in reply["f"]:
                     infos = self._merge(infos, own(info), w.start + i, w.origin)
         self._last = [(w.start, w.stop, r["o"]) for w, r in zip(workers, replies)]
         self._raw_infos = [(w.start, r["f"]) for w, r in zip(workers, replies)]
+        if batch is not None:  # filled as the replies came in, checked by its sink
+            return batch.obs, batch.r, batch.t, batch.u, infos
         if len(replies) == 1:
             r = replies[0]
             return join(space, [r["o"]]), r["r"].copy(), r["t"].copy(), r["u"].copy(), infos
@@ -596,6 +602,31 @@ class RemoteVectorEnv(VectorEnv):
                 self.close()
             except Exception:
                 pass
+
+
+class _StepBatch:
+    """The arrays one step returns, filled by each worker's reply as it is read
+    (on the loop's thread, while the other workers still step): the caller then
+    joins nothing. For array observation spaces."""
+
+    __slots__ = ("obs", "r", "t", "u", "workers", "space")
+
+    def __init__(self, space: gym.Space, n: int, workers: list) -> None:
+        self.space, self.workers = space, workers
+        self.obs = np.empty((n, *space.shape), space.dtype)
+        self.r = np.empty(n)
+        self.t = np.empty(n, np.bool_)
+        self.u = np.empty(n, np.bool_)
+
+    def fill(self, idx: int, reply: Any, exact: bool) -> None:
+        w = self.workers[idx]
+        if not exact:  # a compact reply was checked against the layout as it was decoded
+            check_reply(reply, w.count, self.space, w.origin, step=True)
+        a, b = w.start, w.stop
+        self.obs[a:b] = reply["o"]
+        self.r[a:b] = reply["r"]
+        self.t[a:b] = reply["t"]
+        self.u[a:b] = reply["u"]
 
 
 def _check_mask(mask: Any, n: int) -> None:
