@@ -593,8 +593,9 @@ class WorkerPool:
             if call.sink is not None:
                 try:
                     call.sink(idx, reply.body, exact)
-                except ProtocolError as exc:
-                    call.fail(exc)
+                except Exception as exc:  # noqa: BLE001 - fails this call, never the connection
+                    call.fail(exc if isinstance(exc, ProtocolError)
+                              else ProtocolError(f"{conn.origin}: a reply that cannot be used: {exc!r}"))
                     return
             call.answer(idx, reply.body)
         elif reply.kind == P.ERROR:
@@ -838,8 +839,8 @@ class WorkerPool:
         ``tolerant`` (wait mode only): a worker lost meanwhile gives :data:`LOST`
         as its reply instead of failing the call. ``sink(idx, body, exact)`` is
         given each ``ok`` body as soon as it is read, on the thread that read it
-        (``exact``: a compact reply, of the layout); a ProtocolError it raises
-        fails the call.
+        (``exact``: a compact reply, of the layout); an error it raises fails
+        the call (as a ProtocolError), not the connection.
         """
         if self._closed:
             raise WsGymError("the trainer is closed")

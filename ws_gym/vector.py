@@ -385,7 +385,8 @@ class RemoteVectorEnv(VectorEnv):
             space = self._single_act
             items = [(w, P.STEP, {"a": cut(space, actions, w.start, w.stop)}) for w in workers]
         batch = _StepBatch(self._single_obs, self.num_envs, workers) if self._batched_obs else None
-        self._pending = (trainer.submit(items, sink=batch and batch.fill), workers, None, batch)
+        call = trainer.submit(items, sink=batch.fill if batch is not None else None)
+        self._pending = (call, workers, None, batch)
 
     def _step_around_holes(self, actions: Any) -> tuple[Any, None, list]:
         """Wait mode: step the envs that have a worker. A worker that joined since
