@@ -244,7 +244,8 @@ def test_trainer_and_local_workers_step_by_compact_frames(monkeypatch, switch):
         ref.close()
 
 
-def test_single_remote_env_steps_by_compact_frames():
+def test_single_remote_env_steps_by_compact_frames(monkeypatch):
+    monkeypatch.setenv("WS_GYM_COMPACT", "1")  # whatever the caller's environment says
     env = gym.make("ws_gym/Remote-v0", env_id="CartPole-v1", port=0, local_workers=1)
     ref = gym.make("CartPole-v1")
     try:

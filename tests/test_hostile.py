@@ -657,7 +657,8 @@ async def _after_welcome(session, url: str, frames, timeout: float = 10.0) -> li
         return await until_closed(ws, timeout)
 
 
-def test_trainer_survives_hostile_handshakes_and_a_worker_gone_bad(bg, cli_workers, caplog):
+def test_trainer_survives_hostile_handshakes_and_a_worker_gone_bad(bg, cli_workers, caplog, monkeypatch):
+    monkeypatch.setenv("WS_GYM_COMPACT", "1")  # the compact sabotages need a trainer that reads them
     envs = ws_gym.RemoteVectorEnv(3, env_id="CartPole-v1", port=0, connect_timeout=20, step_timeout=3,
                                   max_msg_size=8 << 20)
     pool = envs._trainer.pool
