@@ -65,7 +65,9 @@ def layout_for(observation_schema: dict, action_schema: dict, count: int, single
     obs_dtype, act_dtype = np.dtype(obs_space.dtype), np.dtype(act_space.dtype)
     if obs_dtype.kind not in "biuf" or act_dtype.kind not in "biuf":
         return None
-    return StepLayout(act_dtype, tuple(act_space.shape), obs_dtype, tuple(obs_space.shape), count, single)
+    # plain ints: the tag is computed from the shapes' text, the same on every numpy
+    act_shape, obs_shape = tuple(int(d) for d in act_space.shape), tuple(int(d) for d in obs_space.shape)
+    return StepLayout(act_dtype, act_shape, obs_dtype, obs_shape, count, single)
 
 
 class StepLayout:
