@@ -353,6 +353,10 @@ def test_max_msg_size(cli_workers, caplog):
             msg = asyncio.run(oversized())
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        # the trainer logs after it has sent its close, so the line may come a moment later
+        deadline = time.monotonic() + 10
+        while "exceeded max_msg_size" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert "exceeded max_msg_size" in caplog.text
         worker = cli_workers.start("--url", envs.url)  # the trainer still serves real workers
         check_steps(envs, 1)
