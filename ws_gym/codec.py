@@ -41,7 +41,7 @@ import orjson
 
 from .errors import ProtocolError
 
-__all__ = ["Message", "encode", "decode", "EncodeError", "Unencodable", "MAX_DEPTH"]
+__all__ = ["Message", "encode", "decode", "array_bytes", "EncodeError", "Unencodable", "MAX_DEPTH"]
 
 _LEN = struct.Struct("<I")
 _ALIGN = 8
@@ -98,19 +98,25 @@ def encode(kind: str, req_id: int, body: Any = None, *, strict: bool = False) ->
     pad = -(_LEN.size + len(header)) % _ALIGN
     parts: list[Any] = [_LEN.pack(len(header) + pad), header, _PADS[pad]]
     for arr in arrays:
-        if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
         nbytes = arr.nbytes
         if not nbytes:
             continue
-        try:
-            parts.append(arr.data.cast("B"))  # the array's bytes, no copy
-        except (TypeError, ValueError):  # 0-d, or a format memoryview cannot cast
-            parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        parts.append(array_bytes(arr))
         tail = -nbytes % _ALIGN
         if tail:
             parts.append(_ZEROS[tail])
     return b"".join(parts)
+
+
+def array_bytes(arr: np.ndarray) -> memoryview:
+    """An array's bytes in C order, for joining into a frame: a view of its
+    memory, no copy, where it is C-contiguous (else of a contiguous copy)."""
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    try:
+        return arr.data.cast("B")
+    except (TypeError, ValueError):  # 0-d, or a format memoryview cannot cast
+        return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 _PADS = [b" " * n for n in range(_ALIGN)]

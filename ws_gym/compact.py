@@ -36,6 +36,7 @@ import numpy as np
 from gymnasium import spaces as gs
 from gymnasium.vector.utils import batch_space
 
+from .codec import array_bytes
 from .errors import ProtocolError
 from .spaces import schema_to_space
 
@@ -120,7 +121,7 @@ class StepLayout:
 
     def decode_request(self, frame: bytes | bytearray | memoryview) -> tuple[int, Any]:
         """The request id and the actions (a read-only view) of a compact request."""
-        _, req_id = self._check(frame, REQUEST, self.request_size)
+        req_id = self._check(frame, REQUEST, self.request_size)
         actions = _view(frame, self.act_dtype, self.act_count, _HEAD.size)
         if self._scalar_action:
             return req_id, actions[0]
@@ -152,13 +153,13 @@ class StepLayout:
             for arr, dtype in ((r, _F8), (t, _B1), (u, _B1)):
                 if type(arr) is not np.ndarray or arr.dtype != dtype or arr.shape != n:
                     return None
-            tail = b"".join((_raw(r), _raw(t), _raw(u)))
-        return b"".join((_HEAD.pack(REPLY, self.tag, req_id), _raw(obs), self._pad, tail))
+            tail = b"".join((array_bytes(r), array_bytes(t), array_bytes(u)))
+        return b"".join((_HEAD.pack(REPLY, self.tag, req_id), array_bytes(obs), self._pad, tail))
 
     def decode_reply(self, frame: bytes | bytearray | memoryview) -> tuple[int, dict]:
         """The request id and the body of a compact reply, as the codec would
         give it: read-only array views, and ``[]`` / ``{}`` for the infos."""
-        _, req_id = self._check(frame, REPLY, self.reply_size)
+        req_id = self._check(frame, REPLY, self.reply_size)
         if bytes(frame[self.flags_at:]).translate(None, b"\0\1"):  # cheaper than numpy for a few bytes
             raise ProtocolError("a compact step reply has a flag byte other than 0 or 1")
         obs = _view(frame, self.obs_dtype, self.obs_count, _HEAD.size).reshape(self.obs_shape)
@@ -170,7 +171,8 @@ class StepLayout:
         flags = _view(frame, _B1, 2 * n, self.flags_at)
         return req_id, {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
 
-    def _check(self, frame: Any, magic: bytes, size: int) -> tuple[int, int]:
+    def _check(self, frame: Any, magic: bytes, size: int) -> int:
+        """The request id of a frame of this layout; ProtocolError for any other."""
         if len(frame) != size:
             raise ProtocolError(f"a compact step frame of {len(frame)} bytes; this layout has {size}")
         got, tag, req_id = _HEAD.unpack_from(frame, 0)
@@ -178,7 +180,7 @@ class StepLayout:
             raise ProtocolError("not a compact step frame of the expected kind")
         if tag != self.tag:
             raise ProtocolError(f"a compact step frame for another layout (tag {tag:#010x}, expected {self.tag:#010x})")
-        return tag, req_id
+        return req_id
 
 
 def _view(frame: Any, dtype: np.dtype, count: int, offset: int) -> np.ndarray:
@@ -187,13 +189,3 @@ def _view(frame: Any, dtype: np.dtype, count: int, offset: int) -> np.ndarray:
     if arr.flags.writeable:
         arr.flags.writeable = False
     return arr
-
-
-def _raw(arr: np.ndarray) -> Any:
-    """The array's bytes for ``join``: a view where numpy allows one, else a copy."""
-    if arr.flags.c_contiguous and arr.ndim:
-        try:
-            return arr.data.cast("B")
-        except (TypeError, ValueError, NotImplementedError):  # a format memoryview cannot cast
-            pass
-    return arr.tobytes()

@@ -339,28 +339,22 @@ class Worker:
     @staticmethod
     def answer(host: EnvHost, data: Any) -> tuple[bytes, bool]:
         """The reply frame to one request, and whether it was the trainer's close."""
-        layout = host.compact
-        if layout is not None and data[:4] == compact.REQUEST:  # a step, laid out by the handshake
-            try:
-                rid, actions = layout.decode_request(data)
-            except ProtocolError as exc:
-                log.warning("ignoring a malformed request: %s", exc)
-                return codec.encode(P.ERROR, 0, P.error_body(exc)), False
-            try:
-                result = host.handle(P.STEP, {"a": actions})
-                frame = layout.encode_reply(rid, result) or codec.encode(P.OK, rid, result)
-            except Exception as exc:  # the env's error goes back to the trainer
-                frame = codec.encode(P.ERROR, rid, P.error_body(exc))
-            return frame, False
+        # a compact step (laid out by the handshake) is answered compact where the result fits
+        layout = host.compact if data[:4] == compact.REQUEST else None
         try:
-            req = codec.decode(data)
+            if layout is not None:
+                rid, actions = layout.decode_request(data)
+                req = codec.Message(P.STEP, rid, {"a": actions})
+            else:
+                req = codec.decode(data)
         except ProtocolError as exc:
             log.warning("ignoring a malformed request: %s", exc)
             return codec.encode(P.ERROR, 0, P.error_body(exc)), False
         try:
             body = req.body if req.kind == P.STEP else codec.writable(req.body)
             result = host.handle(req.kind, body)
-            frame = codec.encode(P.OK, req.id, result)
+            frame = layout.encode_reply(req.id, result) if layout is not None else None
+            frame = frame or codec.encode(P.OK, req.id, result)
         except Exception as exc:  # the env's error goes back to the trainer
             frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
         return frame, req.kind == P.CLOSE
