@@ -209,13 +209,13 @@ def test_trainer_and_local_workers_step_by_compact_frames(monkeypatch, switch):
                 assert conn.compact is None
                 continue
             assert conn.compact is not None and conn.compact.count == conn.count
-            real = conn.compact.decode_reply
+            real = conn.compact.reply_id  # every compact reply is checked by it, copied or decoded
 
             def counting(frame, real=real):
                 used["compact"] += 1
                 return real(frame)
 
-            conn.compact.decode_reply = counting
+            conn.compact.reply_id = counting
         real_decode = codec.decode
 
         def counting_decode(frame, **kw):
@@ -266,3 +266,29 @@ def test_single_remote_env_steps_by_compact_frames(monkeypatch):
     finally:
         env.close()
         ref.close()
+
+
+@pytest.mark.parametrize("obs_space", [CARTPOLE_OBS, IMAGE, spaces.Discrete(7), spaces.MultiBinary(5),
+                                       spaces.Box(0, 1, (3,), np.float16)])
+def test_copy_reply_puts_a_reply_in_its_rows_as_decoding_would(obs_space):
+    lay = layout(obs_space, spaces.Discrete(2), count=3)
+    body = vector_result(3, seed=4, obs_space=obs_space)
+    body["o"] = body["o"].astype(lay.obs_dtype)
+    frame = lay.encode_reply(11, body)
+    assert b"".join(lay.encode_reply(11, body, parts=True)) == frame  # the same bytes, in pieces
+    assert lay.reply_id(frame) == 11
+    n = 7  # a batch of 7 envs; this worker's 3 are rows 2..4
+    obs = np.full((n, *lay.obs_shape[1:]), 9, lay.obs_dtype)
+    r, t, u = np.full(n, -1.0), np.ones(n, bool), np.zeros(n, bool)
+    lay.copy_reply(memoryview(frame), obs, r, t, u, 2)
+    _, want = lay.decode_reply(frame)
+    assert_same(obs[2:5], want["o"]) and assert_same(r[2:5], want["r"])
+    assert_same(t[2:5], want["t"]) and assert_same(u[2:5], want["u"])
+    others = np.r_[0:2, 5:7]  # nothing else was touched
+    assert (obs[others] == 9).all() and (r[others] == -1).all() and t[others].all() and not u[others].any()
+    with pytest.raises(ValueError):  # another dtype is never filled byte for byte
+        lay.copy_reply(frame, obs.astype(np.float64 if lay.obs_dtype != np.float64 else np.float32), r, t, u, 2)
+    with pytest.raises(ValueError):  # nor a strided view
+        lay.copy_reply(frame, np.zeros((2 * n, *lay.obs_shape[1:]), lay.obs_dtype)[::2], r, t, u, 2)
+    with pytest.raises(ValueError):  # nor rows past the end
+        lay.copy_reply(frame, obs, r, t, u, 5)

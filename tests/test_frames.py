@@ -161,3 +161,39 @@ def test_a_masked_server_frame_is_refused():
     parser = F.FrameParser(max_size=1000, masked=False)
     with pytest.raises(F.FrameError):
         parser.feed(wire(F.OP_BINARY, b"x", masked=True))
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70_000])
+@pytest.mark.parametrize("masked, key", [(False, None), (True, F.ZERO_KEY), (True, None)])
+@pytest.mark.parametrize("op", [F.OP_BINARY, F.OP_TEXT])
+def test_a_read_of_one_whole_frame_parses_as_the_general_loop_does(size, masked, key, op):
+    payload = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    data = b"".join(bytes(p) for p in F.frame(op, payload, masked=masked, key=key))
+    fast = F.FrameParser(max_size=1 << 20, masked=masked).feed(data)
+    general = F.FrameParser(max_size=1 << 20, masked=masked)._feed_general(data)
+    assert [(o, bytes(p)) for o, p in fast] == [(o, bytes(p)) for o, p in general] == [(op, payload)]
+    # one byte more or less is not one whole frame: the general loop takes it, as before
+    parser = F.FrameParser(max_size=1 << 20, masked=masked)
+    assert [(o, bytes(p)) for o, p in parser.feed(data + data[:1])] == [(op, payload)]
+    assert [(o, bytes(p)) for o, p in parser.feed(data[1:])] == [(op, payload)]
+    with pytest.raises(F.FrameError) as err:  # and the size limit holds on the fast path too
+        F.FrameParser(max_size=size - 1, masked=masked).feed(data) if size else F.FrameParser(
+            max_size=0, masked=not masked).feed(data)
+    assert err.value.code in (F.CLOSE_TOO_BIG, F.CLOSE_PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize("sizes", [(), (0,), (3, 0, 5), (100, 70_000, 7)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_frame_in_pieces_is_the_frame_of_the_joined_payload(sizes, masked):
+    rng = random.Random(len(sizes))
+    pieces = tuple(bytes(rng.getrandbits(8) for _ in range(n)) for n in sizes)
+    key = F.ZERO_KEY if masked else None
+    sent = F.frame_pieces(F.OP_BINARY, pieces, masked=masked, key=key)
+    assert sent[1:] == pieces  # written as they are, no copy
+    joined = b"".join(pieces)
+    assert b"".join(sent) == b"".join(bytes(p) for p in F.frame(F.OP_BINARY, joined, masked=masked, key=key))
+    parser = F.FrameParser(max_size=1 << 20, masked=masked)
+    assert [(o, bytes(p)) for o, p in parser.feed(b"".join(sent))] == [(F.OP_BINARY, joined)]
+    if masked:
+        with pytest.raises(ValueError):  # a real key must XOR (copy) the payload anyway
+            F.frame_pieces(F.OP_BINARY, pieces, masked=True, key=b"\1\2\3\4")

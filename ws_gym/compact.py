@@ -47,7 +47,7 @@ REPLY = b"WSr\xf7"
 _HEAD = struct.Struct("<4sIQ")  # magic, layout tag, request id
 _SCALARS = struct.Struct("<d??")  # a single env's reward, terminated, truncated
 _ARRAY_SPACES = (gs.Box, gs.Discrete, gs.MultiDiscrete, gs.MultiBinary)
-_F8 = np.dtype(np.float64)
+_F8 = np.dtype("<f8")  # little-endian on the wire, whatever the machine (big-endian ones use the codec)
 _B1 = np.dtype(np.bool_)
 
 
@@ -90,6 +90,7 @@ class StepLayout:
         self.flags_at = self.rew_at + 8 * n
         self.reply_size = self.flags_at + 2 * n
         self._pad = b"\0" * (-obs_bytes % 8)
+        self.big = obs_bytes >= 16384  # worth sending in pieces rather than joined (encode_reply)
         text = f"{act_dtype.str}{act_shape}|{obs_dtype.str}{obs_shape}|{count}|{'single' if single else 'vector'}"
         self.tag = zlib.crc32(text.encode())
         self._scalar_action = single and act_shape == ()
@@ -129,9 +130,13 @@ class StepLayout:
 
     # -- worker -> trainer ----------------------------------------------------
 
-    def encode_reply(self, req_id: int, result: Any) -> bytes | None:
+    def encode_reply(self, req_id: int, result: Any, *, parts: bool = False) -> bytes | tuple | None:
         """A compact ``ok`` reply to a step, or None when the result does not
-        fit the layout exactly (the caller then uses the codec)."""
+        fit the layout exactly (the caller then uses the codec).
+
+        ``parts``: the frame's pieces in order, not joined (the observations
+        as a view of the result's array), for a writer that sends them as they
+        are: big observations are then not copied once more to be joined."""
         if type(result) is not dict:
             return None
         obs = result.get("o")
@@ -154,14 +159,21 @@ class StepLayout:
                 if type(arr) is not np.ndarray or arr.dtype != dtype or arr.shape != n:
                     return None
             tail = b"".join((array_bytes(r), array_bytes(t), array_bytes(u)))
-        return b"".join((_HEAD.pack(REPLY, self.tag, req_id), array_bytes(obs), self._pad, tail))
+        pieces = (_HEAD.pack(REPLY, self.tag, req_id), array_bytes(obs), self._pad, tail)
+        return pieces if parts else b"".join(pieces)
+
+    def reply_id(self, frame: bytes | bytearray | memoryview) -> int:
+        """The request id of a compact reply, once all of it is checked: size,
+        kind, layout and flag bytes (ProtocolError for anything else)."""
+        req_id = self._check(frame, REPLY, self.reply_size)
+        if bytes(frame[self.flags_at:]).translate(None, b"\0\1"):  # cheaper than numpy for a few bytes
+            raise ProtocolError("a compact step reply has a flag byte other than 0 or 1")
+        return req_id
 
     def decode_reply(self, frame: bytes | bytearray | memoryview) -> tuple[int, dict]:
         """The request id and the body of a compact reply, as the codec would
         give it: read-only array views, and ``[]`` / ``{}`` for the infos."""
-        req_id = self._check(frame, REPLY, self.reply_size)
-        if bytes(frame[self.flags_at:]).translate(None, b"\0\1"):  # cheaper than numpy for a few bytes
-            raise ProtocolError("a compact step reply has a flag byte other than 0 or 1")
+        req_id = self.reply_id(frame)
         obs = _view(frame, self.obs_dtype, self.obs_count, _HEAD.size).reshape(self.obs_shape)
         if self.single:
             r, t, u = _SCALARS.unpack_from(frame, self.rew_at)
@@ -170,6 +182,23 @@ class StepLayout:
         r = _view(frame, _F8, n, self.rew_at)
         flags = _view(frame, _B1, 2 * n, self.flags_at)
         return req_id, {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
+
+    def copy_reply(self, frame: bytes | bytearray | memoryview, obs: np.ndarray, rewards: np.ndarray,
+                   terminated: np.ndarray, truncated: np.ndarray, row: int) -> None:
+        """Copy a vector reply (checked by :meth:`reply_id`) into rows
+        ``row:row + count`` of a step's batch arrays, byte for byte: one copy,
+        no views. The arrays must be C-contiguous, with the layout's dtypes."""
+        if (obs.dtype != self.obs_dtype or rewards.dtype != _F8 or terminated.dtype != _B1
+                or truncated.dtype != _B1 or self.single):
+            raise ValueError("copy_reply: the batch arrays do not have this layout's dtypes")
+        src = memoryview(frame)
+        n, head, size = self.count, _HEAD.size, self.obs_count * self.obs_dtype.itemsize
+        o = row * (size // n)
+        _bytes(obs)[o : o + size] = src[head : head + size]
+        _bytes(rewards)[8 * row : 8 * (row + n)] = src[self.rew_at : self.flags_at]
+        f = self.flags_at
+        _bytes(terminated)[row : row + n] = src[f : f + n]
+        _bytes(truncated)[row : row + n] = src[f + n : f + 2 * n]
 
     def _check(self, frame: Any, magic: bytes, size: int) -> int:
         """The request id of a frame of this layout; ProtocolError for any other."""
@@ -181,6 +210,13 @@ class StepLayout:
         if tag != self.tag:
             raise ProtocolError(f"a compact step frame for another layout (tag {tag:#010x}, expected {self.tag:#010x})")
         return req_id
+
+
+def _bytes(arr: np.ndarray) -> memoryview:
+    """A C-contiguous array's memory as flat bytes (raises for any other)."""
+    if not arr.flags.c_contiguous:
+        raise ValueError("copy_reply: a batch array is not C-contiguous")
+    return memoryview(arr if arr.dtype.isnative else arr.view(np.uint8)).cast("B")
 
 
 def _view(frame: Any, dtype: np.dtype, count: int, offset: int) -> np.ndarray:

@@ -63,6 +63,10 @@ class _Lost:
 
 LOST = _Lost()
 
+# The reply of a worker whose compact step reply went straight into a sink's
+# arrays (see submit): nothing is left of it but its (empty) info log.
+FILLED: dict = {"f": ()}
+
 
 @dataclass(eq=False)
 class WorkerConn:
@@ -114,7 +118,7 @@ class _Call:
         self.done = False
         self.batch: list = []
         self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
-        # sink(idx, body, exact): takes each ok body on the thread that read it (see submit)
+        # sink(idx, body, compact): takes each ok body on the thread that read it (see submit)
         self.sink: Callable[[int, Any, bool], None] | None = None
 
     def answer(self, idx: int, value: Any) -> None:
@@ -564,14 +568,14 @@ class WorkerPool:
         """One binary message from a worker, inside the transport's data_received."""
         conn.last_rx = self._loop.time()
         pending = conn.pending
-        exact = False  # a compact reply: exactly of the layout, checked already
+        layout = conn.compact
         try:
-            if conn.compact is not None and data[:4] == COMPACT_REPLY:
-                rid, body = conn.compact.decode_reply(data)
-                reply = codec.Message(P.OK, rid, body)
-                exact = True
+            if layout is not None and data[:4] == COMPACT_REPLY:
+                # checked whole here; a sink copies it as it is, else it is decoded below
+                rid, kind, body, compact = layout.reply_id(data), P.OK, data, True
             else:
                 reply = codec.decode(data)
+                rid, kind, body, compact = reply.id, reply.kind, reply.body, False
         except ProtocolError as exc:
             log.warning("%s sent a malformed frame: %s", conn.origin, exc)
             # Which request it answers is unknown: fail what this worker owes now
@@ -584,24 +588,28 @@ class WorkerPool:
             for call, _ in owed:
                 call.fail(err)
             return
-        entry = pending.pop(reply.id, None)
+        entry = pending.pop(rid, None)
         if entry is None:
-            self._log_unknown(conn, reply.id)
+            self._log_unknown(conn, rid)
             return
         call, idx = entry
-        if reply.kind == P.OK:
+        if kind == P.OK:
             if call.sink is not None:
                 try:
-                    call.sink(idx, reply.body, exact)
+                    call.sink(idx, body, compact)
                 except Exception as exc:  # noqa: BLE001 - fails this call, never the connection
                     call.fail(exc if isinstance(exc, ProtocolError)
                               else ProtocolError(f"{conn.origin}: a reply that cannot be used: {exc!r}"))
                     return
-            call.answer(idx, reply.body)
-        elif reply.kind == P.ERROR:
-            call.fail(P.parse_error(reply.body, conn.origin))
+                if compact:  # all of it is in the sink's arrays now; a compact reply has no infos
+                    body = FILLED
+            elif compact:
+                body = layout.decode_reply(data)[1]
+            call.answer(idx, body)
+        elif kind == P.ERROR:
+            call.fail(P.parse_error(body, conn.origin))
         else:
-            call.fail(ProtocolError(f"{conn.origin} answered with kind {reply.kind!r}"))
+            call.fail(ProtocolError(f"{conn.origin} answered with kind {kind!r}"))
 
     @staticmethod
     def _log_unknown(conn: WorkerConn, rid: int) -> None:
@@ -624,18 +632,16 @@ class WorkerPool:
         The call's bookkeeping stays on the loop thread: a failure here is
         handed to :meth:`_send_failed` there.
         """
-        rest = []
-        plock = self._plock
-        for idx, (conn, rid, frame) in enumerate(batch):
-            wire = conn.wire
-            if wire is None or not wire.direct:
-                rest.append((idx, conn, rid, frame))
-                continue
-            with plock:
-                if not conn.alive:
-                    rest.append((idx, conn, rid, frame))  # _dispatch says LOST or fails the call
+        rest, ready = [], []
+        with self._plock:  # all registered before the first is sent: replies may come at once
+            for idx, (conn, rid, frame) in enumerate(batch):
+                wire = conn.wire
+                if wire is None or not wire.direct or not conn.alive:  # _dispatch says LOST or fails the call
+                    rest.append((idx, conn, rid, frame))
                     continue
                 conn.pending[rid] = (call, idx)
+                ready.append((idx, conn, rid, frame, wire))
+        for idx, conn, rid, frame, wire in ready:
             try:
                 wire.send_from_thread(frame)
             except ConnectionError as exc:
@@ -837,10 +843,12 @@ class WorkerPool:
         """Encode and send the requests without waiting; :meth:`wait` collects the replies.
 
         ``tolerant`` (wait mode only): a worker lost meanwhile gives :data:`LOST`
-        as its reply instead of failing the call. ``sink(idx, body, exact)`` is
-        given each ``ok`` body as soon as it is read, on the thread that read it
-        (``exact``: a compact reply, of the layout); an error it raises fails
-        the call (as a ProtocolError), not the connection.
+        as its reply instead of failing the call. ``sink(idx, body, compact)`` is
+        given each ``ok`` body as soon as it is read, on the thread that read it;
+        ``compact``: the body is the worker's compact reply frame, checked
+        already, to copy with ``conn.compact.copy_reply`` (its reply is then
+        :data:`FILLED`). An error the sink raises fails the call (as a
+        ProtocolError), not the connection.
         """
         if self._closed:
             raise WsGymError("the trainer is closed")

@@ -381,6 +381,8 @@ class RemoteVectorEnv(VectorEnv):
         workers = trainer.pool.serving()
         if len(workers) == 1:
             items = [(workers[0], P.STEP, {"a": actions})]
+        elif type(actions) is np.ndarray:  # an array space's batch (as cut() does it)
+            items = [(w, P.STEP, {"a": actions[w.start:w.stop]}) for w in workers]
         else:
             space = self._single_act
             items = [(w, P.STEP, {"a": cut(space, actions, w.start, w.stop)}) for w in workers]
@@ -432,10 +434,11 @@ class RemoteVectorEnv(VectorEnv):
             if reply["f"]:
                 for i, info in reply["f"]:
                     infos = self._merge(infos, own(info), w.start + i, w.origin)
-        self._last = [(w.start, w.stop, r["o"]) for w, r in zip(workers, replies)]
         self._raw_infos = [(w.start, r["f"]) for w, r in zip(workers, replies)]
         if batch is not None:  # filled as the replies came in, checked by its sink
+            self._last = [(0, self.num_envs, batch.obs)]
             return batch.obs, batch.r, batch.t, batch.u, infos
+        self._last = [(w.start, w.stop, r["o"]) for w, r in zip(workers, replies)]
         if len(replies) == 1:
             r = replies[0]
             return join(space, [r["o"]]), r["r"].copy(), r["t"].copy(), r["u"].copy(), infos
@@ -619,11 +622,13 @@ class _StepBatch:
         self.t = np.empty(n, np.bool_)
         self.u = np.empty(n, np.bool_)
 
-    def fill(self, idx: int, reply: Any, exact: bool) -> None:
+    def fill(self, idx: int, reply: Any, compact: bool) -> None:
         w = self.workers[idx]
-        if not exact:  # a compact reply was checked against the layout as it was decoded
-            check_reply(reply, w.count, self.space, w.origin, step=True)
         a, b = w.start, w.stop
+        if compact:  # a whole compact frame, checked against its layout as it was read
+            w.compact.copy_reply(reply, self.obs, self.r, self.t, self.u, a)
+            return
+        check_reply(reply, w.count, self.space, w.origin, step=True)
         self.obs[a:b] = reply["o"]
         self.r[a:b] = reply["r"]
         self.t[a:b] = reply["t"]

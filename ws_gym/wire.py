@@ -233,10 +233,21 @@ class FrameConnection(asyncio.Protocol):
             return False
         return True
 
-    def send_from_thread(self, payload: bytes | bytearray | memoryview) -> None:
-        """Write one binary message from any thread (raises ConnectionResetError once closed)."""
+    def send_from_thread(self, payload: bytes | bytearray | memoryview | tuple) -> None:
+        """Write one binary message from any thread (raises ConnectionResetError once closed).
+
+        A tuple is the message's pieces, in order (see :func:`ws_gym.frames.frame_pieces`):
+        they are written as they are, and what the socket does not take at once
+        is copied, so the pieces' memory may change as soon as this returns."""
+        if type(payload) is tuple:
+            pieces = F.frame_pieces(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
+            self._send_pieces(pieces)
+            return
         head, body = F.frame(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
-        data = head + body if len(body) < 65536 else None  # big bodies: sendmsg, no join
+        if len(body) >= 65536:  # big bodies: sendmsg, no join
+            self._send_pieces((head, body))
+            return
+        data = head + body
         with self._wlock:
             sock = self._direct
             if sock is None or self.close_sent:
@@ -244,14 +255,34 @@ class FrameConnection(asyncio.Protocol):
             sent = 0
             if not self._queued and not self.transport.get_write_buffer_size():
                 try:
-                    sent = sock.send(data) if data is not None else sock.sendmsg((head, body))
+                    sent = sock.send(data)
                 except BlockingIOError:
                     pass
                 except OSError as exc:
                     raise ConnectionResetError(f"send failed: {exc}") from None
-                if sent == len(head) + len(body):
+                if sent == len(data):
                     return
-            self._queued.append((data if data is not None else head + body)[sent:])
+            self._queued.append(data[sent:])
+            if len(self._queued) == 1:
+                self._loop.call_soon_threadsafe(self._flush_queued)
+
+    def _send_pieces(self, pieces: tuple) -> None:
+        """send_from_thread's writer for a frame in pieces: one sendmsg; the rest is queued as a copy."""
+        with self._wlock:
+            sock = self._direct
+            if sock is None or self.close_sent:
+                raise ConnectionResetError("the connection is closed")
+            sent = 0
+            if not self._queued and not self.transport.get_write_buffer_size():
+                try:
+                    sent = sock.sendmsg(pieces)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise ConnectionResetError(f"send failed: {exc}") from None
+                if sent == sum(len(p) for p in pieces):
+                    return
+            self._queued.append(b"".join(pieces)[sent:])  # a copy: the pieces may change now
             if len(self._queued) == 1:
                 self._loop.call_soon_threadsafe(self._flush_queued)
 
@@ -262,10 +293,18 @@ class FrameConnection(asyncio.Protocol):
             else:
                 self._flush_queued_locked()
 
-    def send(self, payload: bytes | bytearray | memoryview) -> None:
-        """Write one binary message (raises ConnectionResetError once closed)."""
+    def send(self, payload: bytes | bytearray | memoryview | tuple) -> None:
+        """Write one binary message (raises ConnectionResetError once closed).
+
+        A tuple is the message's pieces, in order: written as they are where
+        :meth:`send_from_thread` may be used, else joined."""
         if self.close_sent or self.transport.is_closing():
             raise ConnectionResetError("the connection is closed")
+        if type(payload) is tuple:
+            if self._direct is not None:
+                self.send_from_thread(payload)
+                return
+            payload = b"".join(payload)
         self._send(F.OP_BINARY, payload)
 
     def ping(self, payload: bytes = b"") -> None:

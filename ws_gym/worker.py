@@ -337,8 +337,12 @@ class Worker:
                 raise _Closed()
 
     @staticmethod
-    def answer(host: EnvHost, data: Any) -> tuple[bytes, bool]:
-        """The reply frame to one request, and whether it was the trainer's close."""
+    def answer(host: EnvHost, data: Any, parts: bool = False) -> tuple[bytes | tuple, bool]:
+        """The reply frame to one request, and whether it was the trainer's close.
+
+        ``parts``: a big compact reply may come as its pieces, not joined (see
+        :meth:`ws_gym.compact.StepLayout.encode_reply`), for a writer that
+        sends them as they are."""
         # a compact step (laid out by the handshake) is answered compact where the result fits
         layout = host.compact if data[:4] == compact.REQUEST else None
         try:
@@ -353,7 +357,7 @@ class Worker:
         try:
             body = req.body if req.kind == P.STEP else codec.writable(req.body)
             result = host.handle(req.kind, body)
-            frame = layout.encode_reply(req.id, result) if layout is not None else None
+            frame = layout.encode_reply(req.id, result, parts=parts and layout.big) if layout is not None else None
             frame = frame or codec.encode(P.OK, req.id, result)
         except Exception as exc:  # the env's error goes back to the trainer
             frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
@@ -405,6 +409,9 @@ class _WireLink:
         )
         if worker.unix_socket:  # the trainer's private socket: no intermediary to protect (frames.py)
             self.wire.mask_key = F.ZERO_KEY
+        # Unmasked (zero key), a big reply's pieces are written as they are, by
+        # our own sendmsg (the transport would keep views of them): no join.
+        self._parts = self.wire.mask_key == F.ZERO_KEY and self.wire.enable_direct()
 
     @classmethod
     def take_over(cls, ws: aiohttp.ClientWebSocketResponse, worker: Worker) -> "_WireLink | None":
@@ -436,7 +443,7 @@ class _WireLink:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
             return
-        frame, closing = worker.answer(worker.host, data)
+        frame, closing = worker.answer(worker.host, data, self._parts)
         self.wire.send(frame)
         worker._last_rx = self.loop.time()  # a long step is not silence
         if closing:
@@ -468,7 +475,7 @@ class _WireLink:
 
     async def serve(self) -> None:
         self._serving = True
-        if self.worker.busy_poll and self.wire.enable_direct():
+        if self.worker.busy_poll and (self.wire.direct or self.wire.enable_direct()):
             self.wire.poll_after = self.worker.busy_poll
         for data in self._inbox:  # requests that came with the accept
             self._on_message(data)
