@@ -280,15 +280,17 @@ def test_copy_reply_puts_a_reply_in_its_rows_as_decoding_would(obs_space):
     n = 7  # a batch of 7 envs; this worker's 3 are rows 2..4
     obs = np.full((n, *lay.obs_shape[1:]), 9, lay.obs_dtype)
     r, t, u = np.full(n, -1.0), np.ones(n, bool), np.zeros(n, bool)
-    lay.copy_reply(memoryview(frame), obs, r, t, u, 2)
+    lay.copy_reply(memoryview(frame), lay.byte_views(obs, r, t, u), 2)
     _, want = lay.decode_reply(frame)
     assert_same(obs[2:5], want["o"]) and assert_same(r[2:5], want["r"])
     assert_same(t[2:5], want["t"]) and assert_same(u[2:5], want["u"])
     others = np.r_[0:2, 5:7]  # nothing else was touched
     assert (obs[others] == 9).all() and (r[others] == -1).all() and t[others].all() and not u[others].any()
     with pytest.raises(ValueError):  # another dtype is never filled byte for byte
-        lay.copy_reply(frame, obs.astype(np.float64 if lay.obs_dtype != np.float64 else np.float32), r, t, u, 2)
+        lay.byte_views(obs.astype(np.float64 if lay.obs_dtype != np.float64 else np.float32), r, t, u)
+    with pytest.raises(ValueError):
+        lay.byte_views(obs, r.astype(np.float32), t, u)
     with pytest.raises(ValueError):  # nor a strided view
-        lay.copy_reply(frame, np.zeros((2 * n, *lay.obs_shape[1:]), lay.obs_dtype)[::2], r, t, u, 2)
+        lay.byte_views(np.zeros((2 * n, *lay.obs_shape[1:]), lay.obs_dtype)[::2], r, t, u)
     with pytest.raises(ValueError):  # nor rows past the end
-        lay.copy_reply(frame, obs, r, t, u, 5)
+        lay.copy_reply(frame, lay.byte_views(obs, r, t, u), 5)

@@ -183,22 +183,28 @@ class StepLayout:
         flags = _view(frame, _B1, 2 * n, self.flags_at)
         return req_id, {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
 
-    def copy_reply(self, frame: bytes | bytearray | memoryview, obs: np.ndarray, rewards: np.ndarray,
-                   terminated: np.ndarray, truncated: np.ndarray, row: int) -> None:
-        """Copy a vector reply (checked by :meth:`reply_id`) into rows
-        ``row:row + count`` of a step's batch arrays, byte for byte: one copy,
-        no views. The arrays must be C-contiguous, with the layout's dtypes."""
+    def byte_views(self, obs: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
+                   truncated: np.ndarray) -> tuple[memoryview, ...]:
+        """Flat byte views of a step's batch arrays, for :meth:`copy_reply`
+        (raises ValueError unless they are C-contiguous, with this layout's dtypes)."""
         if (obs.dtype != self.obs_dtype or rewards.dtype != _F8 or terminated.dtype != _B1
                 or truncated.dtype != _B1 or self.single):
             raise ValueError("copy_reply: the batch arrays do not have this layout's dtypes")
+        return _bytes(obs), _bytes(rewards), _bytes(terminated), _bytes(truncated)
+
+    def copy_reply(self, frame: bytes | bytearray | memoryview, views: tuple[memoryview, ...], row: int) -> None:
+        """Copy a vector reply (checked by :meth:`reply_id`) into rows
+        ``row:row + count`` of a step's batch, given as its :meth:`byte_views`:
+        byte for byte, one copy, no arrays made."""
+        obs, rewards, terminated, truncated = views
         src = memoryview(frame)
         n, head, size = self.count, _HEAD.size, self.obs_count * self.obs_dtype.itemsize
         o = row * (size // n)
-        _bytes(obs)[o : o + size] = src[head : head + size]
-        _bytes(rewards)[8 * row : 8 * (row + n)] = src[self.rew_at : self.flags_at]
+        obs[o : o + size] = src[head : head + size]
+        rewards[8 * row : 8 * (row + n)] = src[self.rew_at : self.flags_at]
         f = self.flags_at
-        _bytes(terminated)[row : row + n] = src[f : f + n]
-        _bytes(truncated)[row : row + n] = src[f + n : f + 2 * n]
+        terminated[row : row + n] = src[f : f + n]
+        truncated[row : row + n] = src[f + n : f + 2 * n]
 
     def _check(self, frame: Any, magic: bytes, size: int) -> int:
         """The request id of a frame of this layout; ProtocolError for any other."""

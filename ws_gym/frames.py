@@ -190,6 +190,8 @@ class FrameParser:
             key = bytes(view[at - 4 : at])
             if key != ZERO_KEY:  # XOR with zeros: the payload as it is
                 return [(OP_BINARY, mask(view[at:], key))]
+        if length < _SMALL and type(data) is bytes:  # small: as bytes, cheaper to use than a view
+            return [(OP_BINARY, data[at:])]
         return [(OP_BINARY, view[at:])]
 
     def _feed_general(self, data: bytes | bytearray | memoryview) -> list:

@@ -613,7 +613,7 @@ class _StepBatch:
     (on the loop's thread, while the other workers still step): the caller then
     joins nothing. For array observation spaces."""
 
-    __slots__ = ("obs", "r", "t", "u", "workers", "space")
+    __slots__ = ("obs", "r", "t", "u", "workers", "space", "_views")
 
     def __init__(self, space: gym.Space, n: int, workers: list) -> None:
         self.space, self.workers = space, workers
@@ -621,12 +621,16 @@ class _StepBatch:
         self.r = np.empty(n)
         self.t = np.empty(n, np.bool_)
         self.u = np.empty(n, np.bool_)
+        self._views: tuple | None = None  # their bytes, for compact replies (made at the first)
 
     def fill(self, idx: int, reply: Any, compact: bool) -> None:
         w = self.workers[idx]
         a, b = w.start, w.stop
         if compact:  # a whole compact frame, checked against its layout as it was read
-            w.compact.copy_reply(reply, self.obs, self.r, self.t, self.u, a)
+            views = self._views
+            if views is None:  # two threads may both make them: the same views either way
+                views = self._views = w.compact.byte_views(self.obs, self.r, self.t, self.u)
+            w.compact.copy_reply(reply, views, a)
             return
         check_reply(reply, w.count, self.space, w.origin, step=True)
         self.obs[a:b] = reply["o"]
