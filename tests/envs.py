@@ -141,6 +141,34 @@ class CounterEnv(gym.Env):
         return self._obs(), 1.0, self.t >= self.length, False, {}
 
 
+class FramesEnv(gym.Env):
+    """Image-sized observations that differ at every step (a function of the
+    seed, the step and the action), with no infos: for the compact path of big
+    frames. Episodes are truncated after ``length`` steps."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, shape=(64, 64, 3), length: int = 25):
+        self.observation_space = spaces.Box(0, 255, tuple(shape), np.uint8)
+        self.action_space = spaces.Discrete(256)
+        self.length = length
+        self.t = 0
+        self._base = np.zeros(tuple(shape), np.uint8)
+        self._frame = np.zeros(tuple(shape), np.uint8)  # one buffer, overwritten at every step
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        self._base = self.np_random.integers(0, 256, self._base.shape, dtype=np.uint8)
+        self._frame[...] = self._base
+        return self._frame, {}
+
+    def step(self, action):
+        self.t += 1
+        np.add(self._base, (self.t * 7 + int(action)) % 256, out=self._frame, casting="unsafe")
+        return self._frame, float(action) / 256, False, self.t >= self.length, {}
+
+
 class GraphEnv(gym.Env):
     """An observation space ws_gym cannot describe."""
 
@@ -158,6 +186,6 @@ class BadInitEnv(gym.Env):
         raise RuntimeError("this env cannot be built")
 
 
-for _id, _cls in [("Fancy-v0", FancyEnv), ("Crash-v0", CrashEnv), ("Counter-v0", CounterEnv), ("GraphObs-v0", GraphEnv), ("BadInit-v0", BadInitEnv)]:
+for _id, _cls in [("Fancy-v0", FancyEnv), ("Crash-v0", CrashEnv), ("Counter-v0", CounterEnv), ("Frames-v0", FramesEnv), ("GraphObs-v0", GraphEnv), ("BadInit-v0", BadInitEnv)]:
     if _id not in gym.registry:
         gym.register(_id, entry_point=f"tests.envs:{_cls.__name__}", disable_env_checker=True)

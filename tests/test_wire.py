@@ -141,3 +141,76 @@ def test_big_messages_both_ways_through_workers():
         assert envs.observation_space.contains(obs)
     finally:
         envs.close()
+
+
+@posix_only
+def test_a_message_in_pieces_arrives_as_it_was_when_sent():
+    """send() of a tuple (a big compact reply's pieces, one of them a view of an
+    array the env will overwrite): what the socket does not take at once is
+    queued as a copy, so changing the array afterwards changes nothing sent."""
+    loop = loops.new_event_loop()
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # most of it cannot go at once
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        async def setup():
+            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
+            conn, _ = FrameConnection.take_over(transport, client=True, max_size=1 << 30,
+                                                on_message=lambda data: None, loop=loop)
+            conn.mask_key = F.ZERO_KEY
+            assert conn.enable_direct()
+            return conn
+
+        conn = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
+        flushes: list = []
+        flush = conn._flush_queued
+        conn._flush_queued = lambda: (flushes.append(1), flush())  # the overflow's writes, by the loop
+        frames = np.arange(3 * 300_000, dtype=np.uint32).reshape(3, -1)  # the "env's" buffer
+        sent = []
+        for i in range(3):
+            pieces = (b"head%d" % i, memoryview(frames[i]).cast("B"), b"tail")
+            sent.append(b"".join(bytes(p) for p in pieces))
+            asyncio.run_coroutine_threadsafe(_call(conn.send, pieces), loop).result(10)  # on the loop, as a worker does
+            frames[i] = 7  # the next step overwrites the buffer at once
+        got = _read_frames(peer, F.FrameParser(max_size=1 << 30, masked=True), 3)
+        assert flushes, "the socket took everything at once: the overflow path was not tried"
+        assert [p for _, p in got] == sent
+        conn.abort()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        peer.close()
+
+
+async def _call(fn, *args):
+    return fn(*args)
+
+
+def test_big_compact_frames_through_workers_equal_sync_vector_env(monkeypatch):
+    """Observations of 36 KB per worker and step go compact, the workers sending
+    them in pieces; each step's frames differ, so a stale or torn buffer shows."""
+    monkeypatch.setenv("WS_GYM_COMPACT", "1")
+    from .conftest import assert_same
+
+    ref = gym.make_vec("tests.envs:Frames-v0", 6, vectorization_mode="sync", shape=(64, 64, 3))
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=6, env_id="tests.envs:Frames-v0", port=0,
+                        local_workers=2, env_kwargs={"shape": [64, 64, 3]})
+    try:
+        assert_same(envs.reset(seed=2), ref.reset(seed=2))
+        conns = envs.unwrapped._trainer.pool.serving()
+        assert all(c.compact is not None and c.compact.big for c in conns)
+        copied = []
+        for conn in conns:
+            real = conn.compact.copy_reply
+            conn.compact.copy_reply = lambda *a, real=real: copied.append(1) or real(*a)
+        rng = np.random.default_rng(3)
+        for _ in range(40):
+            actions = rng.integers(0, 256, 6)
+            assert_same(envs.step(actions), ref.step(actions))
+        assert len(copied) >= 2 * 30  # compact, straight into the batch (episode ends carry no infos here)
+    finally:
+        envs.close()
+        ref.close()

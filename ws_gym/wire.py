@@ -318,9 +318,12 @@ class FrameConnection(asyncio.Protocol):
             with self._wlock:
                 if self._queued:
                     self._flush_queued_locked()
-                self._writelines((head, body))
+                self._write_frame(head, body)
             return
-        if len(body) < 4096:
+        self._write_frame(head, body)
+
+    def _write_frame(self, head: bytes, body: bytes | bytearray | memoryview) -> None:
+        if len(body) < 4096:  # one small buffer: the transport's quickest write
             self._write(head + body)
         else:
             self._writelines((head, body))
