@@ -28,7 +28,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -65,7 +66,7 @@ LOST = _Lost()
 
 # The reply of a worker whose compact step reply went straight into a sink's
 # arrays (see submit): nothing is left of it but its (empty) info log.
-FILLED: dict = {"f": ()}
+FILLED: Mapping[str, Any] = MappingProxyType({"f": ()})
 
 
 @dataclass(eq=False)

@@ -369,7 +369,8 @@ class RemoteVectorEnv(VectorEnv):
         """
         self._check_idle()
         trainer = self._trainer
-        if isinstance(self._single_act, _ARRAY_SPACES):
+        array_actions = isinstance(self._single_act, _ARRAY_SPACES)
+        if array_actions:
             actions = np.asarray(actions)
             if actions.shape[:1] != (self.num_envs,):
                 raise ValueError(
@@ -381,7 +382,7 @@ class RemoteVectorEnv(VectorEnv):
         workers = trainer.pool.serving()
         if len(workers) == 1:
             items = [(workers[0], P.STEP, {"a": actions})]
-        elif type(actions) is np.ndarray:  # an array space's batch (as cut() does it)
+        elif array_actions:  # as cut() slices an array space's batch
             items = [(w, P.STEP, {"a": actions[w.start:w.stop]}) for w in workers]
         else:
             space = self._single_act
