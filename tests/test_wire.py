@@ -5,6 +5,7 @@ once, payloads that arrive in many reads)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import threading
@@ -36,11 +37,11 @@ def _read_frames(sock: socket.socket, parser: F.FrameParser, want: int, timeout:
     return got
 
 
-@posix_only
-def test_writes_from_a_thread_and_from_the_loop_keep_their_order():
-    """send_from_thread (caller's thread) and the loop's own writes (pings) share
-    one socket: every frame must arrive whole, in the order each side wrote it,
-    also when the socket buffer fills and the overflow goes through the loop."""
+@contextlib.contextmanager
+def _small_buffered_direct_connection(*, client: bool, mask_key: bytes | None = None):
+    """A FrameConnection with direct writes on a socket pair whose buffers hold
+    8 KB, on a loop in its own thread: yields (loop, conn, peer, flushes), where
+    ``flushes`` counts the loop's writes of what the socket could not take at once."""
     loop = loops.new_event_loop()
     ours, peer = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # fill it quickly
@@ -50,15 +51,31 @@ def test_writes_from_a_thread_and_from_the_loop_keep_their_order():
     try:
         async def setup():
             transport, _ = await loop.connect_accepted_socket(_Sink, ours)
-            conn, _ = FrameConnection.take_over(transport, client=False, max_size=1 << 30,
+            conn, _ = FrameConnection.take_over(transport, client=client, max_size=1 << 30,
                                                 on_message=lambda data: None, loop=loop)
+            conn.mask_key = mask_key
             assert conn.enable_direct()
             return conn
 
         conn = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
         flushes: list = []
         flush = conn._flush_queued
-        conn._flush_queued = lambda: (flushes.append(1), flush())  # count the loop's overflow writes
+        conn._flush_queued = lambda: (flushes.append(1), flush())
+        yield loop, conn, peer, flushes
+        conn.abort()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        peer.close()
+
+
+@posix_only
+def test_writes_from_a_thread_and_from_the_loop_keep_their_order():
+    """send_from_thread (caller's thread) and the loop's own writes (pings) share
+    one socket: every frame must arrive whole, in the order each side wrote it,
+    also when the socket buffer fills and the overflow goes through the loop."""
+    with _small_buffered_direct_connection(client=False) as (loop, conn, peer, flushes):
         sizes = [10, 70_000, 5, 300_000, 126, 65_536, 1] * 6
         payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
 
@@ -83,12 +100,6 @@ def test_writes_from_a_thread_and_from_the_loop_keep_their_order():
         assert binary == payloads  # whole and in order, big ones included
         assert pinged == [str(i).encode() for _ in range(rounds) for i in range(40)]  # whole, in order
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
-        conn.abort()
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        peer.close()
 
 
 def test_a_closed_connection_refuses_writes_and_the_peer_sees_the_end():
@@ -148,25 +159,7 @@ def test_a_message_in_pieces_arrives_as_it_was_when_sent():
     """send() of a tuple (a big compact reply's pieces, one of them a view of an
     array the env will overwrite): what the socket does not take at once is
     queued as a copy, so changing the array afterwards changes nothing sent."""
-    loop = loops.new_event_loop()
-    ours, peer = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # most of it cannot go at once
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        async def setup():
-            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
-            conn, _ = FrameConnection.take_over(transport, client=True, max_size=1 << 30,
-                                                on_message=lambda data: None, loop=loop)
-            conn.mask_key = F.ZERO_KEY
-            assert conn.enable_direct()
-            return conn
-
-        conn = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
-        flushes: list = []
-        flush = conn._flush_queued
-        conn._flush_queued = lambda: (flushes.append(1), flush())  # the overflow's writes, by the loop
+    with _small_buffered_direct_connection(client=True, mask_key=F.ZERO_KEY) as (loop, conn, peer, flushes):
         frames = np.arange(3 * 300_000, dtype=np.uint32).reshape(3, -1)  # the "env's" buffer
         sent = []
         for i in range(3):
@@ -177,12 +170,6 @@ def test_a_message_in_pieces_arrives_as_it_was_when_sent():
         got = _read_frames(peer, F.FrameParser(max_size=1 << 30, masked=True), 3)
         assert flushes, "the socket took everything at once: the overflow path was not tried"
         assert [p for _, p in got] == sent
-        conn.abort()
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        peer.close()
 
 
 async def _call(fn, *args):

@@ -241,13 +241,9 @@ class FrameConnection(asyncio.Protocol):
         is copied, so the pieces' memory may change as soon as this returns."""
         if type(payload) is tuple:
             pieces = F.frame_pieces(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
-            self._send_pieces(pieces)
-            return
-        head, body = F.frame(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
-        if len(body) >= 65536:  # big bodies: sendmsg, no join
-            self._send_pieces((head, body))
-            return
-        data = head + body
+        else:
+            head, body = F.frame(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
+            pieces = (head + body,) if len(body) < 65536 else (head, body)  # big bodies: no join
         with self._wlock:
             sock = self._direct
             if sock is None or self.close_sent:
@@ -255,27 +251,7 @@ class FrameConnection(asyncio.Protocol):
             sent = 0
             if not self._queued and not self.transport.get_write_buffer_size():
                 try:
-                    sent = sock.send(data)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise ConnectionResetError(f"send failed: {exc}") from None
-                if sent == len(data):
-                    return
-            self._queued.append(data[sent:])
-            if len(self._queued) == 1:
-                self._loop.call_soon_threadsafe(self._flush_queued)
-
-    def _send_pieces(self, pieces: tuple) -> None:
-        """send_from_thread's writer for a frame in pieces: one sendmsg; the rest is queued as a copy."""
-        with self._wlock:
-            sock = self._direct
-            if sock is None or self.close_sent:
-                raise ConnectionResetError("the connection is closed")
-            sent = 0
-            if not self._queued and not self.transport.get_write_buffer_size():
-                try:
-                    sent = sock.sendmsg(pieces)
+                    sent = sock.send(pieces[0]) if len(pieces) == 1 else sock.sendmsg(pieces)
                 except BlockingIOError:
                     pass
                 except OSError as exc:
