@@ -4,8 +4,12 @@ Measures env-steps per second, side by side in one run, for:
 
 * 8 x CartPole-v1 and 8 x ws_gym/StaticImage-v0 (84x84x4 uint8 frames that cost
   nothing to make, so only the transport is measured), each in
-  ``RemoteVectorEnv`` (2 local workers on loopback), ``SyncVectorEnv`` and
+  ``RemoteVectorEnv`` (2 local workers, on the trainer's private Unix socket
+  where there is one), ``SyncVectorEnv`` and
   ``AsyncVectorEnv(shared_memory=True)``;
+* the same ``RemoteVectorEnv`` with its local workers on loopback TCP
+  (``remote tcp``, as ``WS_GYM_UNIX=0``): the path a remote worker takes, TCP
+  and frames masked with a random key, without the network;
 * the same 8 envs over 2 processes with no protocol at all (``bare pipes``:
   raw array bytes over ``multiprocessing`` pipes, gymnasium's SyncVectorEnv in
   each process, no checks, no infos): the floor of any design that steps the
@@ -21,7 +25,7 @@ steps is timed with pre-sampled actions, and the env is closed again. The cases
 run interleaved, one round of all of them per repetition, so drift in the
 machine's load hits every case alike; the table shows the median.
 
-    python benchmarks/throughput.py            # default: about 1-2 minutes on 2 cores
+    python benchmarks/throughput.py            # default: about 2-3 minutes on 2 cores
     python benchmarks/throughput.py --quick    # smoke test: a few seconds
     python benchmarks/throughput.py --json results.json
 """
@@ -78,7 +82,7 @@ IMAGE = "ws_gym/StaticImage-v0"
 @dataclass
 class Case:
     workload: str  # "CartPole-v1", "StaticImage-v0" or "single CartPole-v1"
-    kind: str  # "remote", "remote no-poll", "sync", "async" or "in-process"
+    kind: str  # "remote", "remote tcp", "remote no-poll", "sync", "async", "bare pipes" or "in-process"
     make: Callable[[], Any]  # returns a VectorEnv (vector=True) or an Env
     vector: bool
     num_envs: int  # env-steps per step() call
@@ -184,6 +188,9 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
             Case(short, "remote", vector=True, num_envs=n,
                  make=lambda e=env_id: gym.make_vec("ws_gym/Remote-v0", num_envs=n, env_id=e,
                                                     port=0, local_workers=w)),
+            Case(short, "remote tcp", vector=True, num_envs=n,
+                 make=lambda e=env_id: over_tcp(lambda: gym.make_vec("ws_gym/Remote-v0", num_envs=n, env_id=e,
+                                                                     port=0, local_workers=w))),
             Case(short, "sync", vector=True, num_envs=n,
                  make=lambda e=env_id: gym.make_vec(e, n, vectorization_mode="sync")),
             Case(short, "async", vector=True, num_envs=n,
@@ -203,6 +210,21 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
+def over_tcp(make: Callable[[], Any]) -> Any:
+    """``make()`` with the local workers on loopback TCP instead of the private
+    Unix socket: the path remote workers take (TCP, frames masked with a random
+    key), minus the network."""
+    before = os.environ.get("WS_GYM_UNIX")
+    os.environ["WS_GYM_UNIX"] = "0"  # read when the trainer starts
+    try:
+        return make()
+    finally:
+        if before is None:
+            del os.environ["WS_GYM_UNIX"]
+        else:
+            os.environ["WS_GYM_UNIX"] = before
+
+
 def ratio_pairs(cases: list[Case]) -> list[tuple[str, Case, Case]]:
     """(label, remote case, baseline case) for each ratio line."""
     by_key = {(c.workload, c.kind): c for c in cases}
@@ -211,6 +233,10 @@ def ratio_pairs(cases: list[Case]) -> list[tuple[str, Case, Case]]:
                            ("StaticImage-v0", "sync"), ("StaticImage-v0", "async"),
                            ("StaticImage-v0", "bare pipes"), (f"single {CARTPOLE}", "in-process")):
         pairs.append((f"{workload}: remote / {base}", by_key[workload, "remote"], by_key[workload, base]))
+        if base == "async":
+            pairs.append((f"{workload}: remote tcp / async", by_key[workload, "remote tcp"], by_key[workload, base]))
+            pairs.append((f"{workload}: remote tcp / remote", by_key[workload, "remote tcp"],
+                          by_key[workload, "remote"]))
     single = f"single {CARTPOLE}"
     pairs.append((f"{single}: remote no-poll / in-process", by_key[single, "remote no-poll"],
                    by_key[single, "in-process"]))
