@@ -252,8 +252,8 @@ def test_single_remote_env_steps_by_compact_frames(monkeypatch):
         assert_same(env.reset(seed=3), ref.reset(seed=3))
         (conn,) = env.unwrapped._trainer.pool.serving()
         assert conn.compact is not None and conn.compact.single
-        real, used = conn.compact.decode_reply, []
-        conn.compact.decode_reply = lambda frame: used.append(1) or real(frame)
+        real, used = conn.compact.reply_body, []  # what a compact reply without a sink is decoded by
+        conn.compact.reply_body = lambda frame: used.append(1) or real(frame)
         for i in range(400):
             # np.int64 (Discrete.sample()'s type): compact; a Python int: by the codec, as an int
             action = np.int64(i % 3 // 2) if i % 2 else i % 3 // 2

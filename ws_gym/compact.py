@@ -173,15 +173,19 @@ class StepLayout:
     def decode_reply(self, frame: bytes | bytearray | memoryview) -> tuple[int, dict]:
         """The request id and the body of a compact reply, as the codec would
         give it: read-only array views, and ``[]`` / ``{}`` for the infos."""
-        req_id = self.reply_id(frame)
+        return self.reply_id(frame), self.reply_body(frame)
+
+    def reply_body(self, frame: bytes | bytearray | memoryview) -> dict:
+        """The body of a compact reply that :meth:`reply_id` accepted (it is
+        not checked again), as :meth:`decode_reply` gives it."""
         obs = _view(frame, self.obs_dtype, self.obs_count, _HEAD.size).reshape(self.obs_shape)
         if self.single:
             r, t, u = _SCALARS.unpack_from(frame, self.rew_at)
-            return req_id, {"o": obs, "r": r, "t": t, "u": u, "info": {}}
+            return {"o": obs, "r": r, "t": t, "u": u, "info": {}}
         n = self.count
         r = _view(frame, _F8, n, self.rew_at)
         flags = _view(frame, _B1, 2 * n, self.flags_at)
-        return req_id, {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
+        return {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
 
     def byte_views(self, obs: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
                    truncated: np.ndarray) -> tuple[memoryview, ...]:

@@ -605,7 +605,7 @@ class WorkerPool:
                 if compact:  # all of it is in the sink's arrays now; a compact reply has no infos
                     body = FILLED
             elif compact:
-                body = layout.decode_reply(data)[1]
+                body = layout.reply_body(data)  # checked whole by reply_id above
             call.answer(idx, body)
         elif kind == P.ERROR:
             call.fail(P.parse_error(body, conn.origin))
