@@ -226,22 +226,69 @@ def over_tcp(make: Callable[[], Any]) -> Any:
 
 
 def ratio_pairs(cases: list[Case]) -> list[tuple[str, Case, Case]]:
-    """(label, remote case, baseline case) for each ratio line."""
+    """(label, case, baseline case) for each ratio line."""
     by_key = {(c.workload, c.kind): c for c in cases}
     pairs = []
-    for workload, base in (("CartPole-v1", "sync"), ("CartPole-v1", "async"), ("CartPole-v1", "bare pipes"),
-                           ("StaticImage-v0", "sync"), ("StaticImage-v0", "async"),
-                           ("StaticImage-v0", "bare pipes"), (f"single {CARTPOLE}", "in-process")):
-        pairs.append((f"{workload}: remote / {base}", by_key[workload, "remote"], by_key[workload, base]))
-        if base == "async":
-            pairs.append((f"{workload}: remote tcp / async", by_key[workload, "remote tcp"], by_key[workload, base]))
-            pairs.append((f"{workload}: remote tcp / remote", by_key[workload, "remote tcp"],
-                          by_key[workload, "remote"]))
+
+    def add(workload: str, kind: str, base: str) -> None:
+        pairs.append((f"{workload}: {kind} / {base}", by_key[workload, kind], by_key[workload, base]))
+
+    for workload in ("CartPole-v1", "StaticImage-v0"):
+        for base in ("sync", "async", "bare pipes"):
+            add(workload, "remote", base)
+            if base == "async":
+                add(workload, "remote tcp", "async")
+                add(workload, "remote tcp", "remote")
+        # the floor against the baselines: how far any two-process design gets in this run
+        add(workload, "bare pipes", "sync")
+        add(workload, "bare pipes", "async")
     single = f"single {CARTPOLE}"
-    pairs.append((f"{single}: remote no-poll / in-process", by_key[single, "remote no-poll"],
-                   by_key[single, "in-process"]))
-    pairs.append((f"{single}: remote / remote no-poll", by_key[single, "remote"], by_key[single, "remote no-poll"]))
+    add(single, "remote", "in-process")
+    add(single, "remote no-poll", "in-process")
+    add(single, "remote", "remote no-poll")
     return pairs
+
+
+# Issue 4's targets 1-3: (label, case, baseline or None, the bar). A ratio bar
+# for a baseline; for no baseline, env-steps/s.
+TARGETS = (
+    ("1. CartPole-v1 remote / async", ("CartPole-v1", "remote"), ("CartPole-v1", "async"), 3.0),
+    ("1. CartPole-v1 remote / sync", ("CartPole-v1", "remote"), ("CartPole-v1", "sync"), 0.8),
+    ("2. StaticImage-v0 remote / async", ("StaticImage-v0", "remote"), ("StaticImage-v0", "async"), 3.0),
+    ("3. single CartPole-v1 remote", (f"single {CARTPOLE}", "remote"), None, 6000.0),
+)
+
+
+def target_rows(cases: list[Case]) -> list[dict[str, Any]]:
+    """Each target with this run's figure, and the same figure for ``bare pipes``
+    (the floor: no protocol) where there is one, so a run shows whether a
+    target is within reach of any two-process design on this machine at all."""
+    by_key = {(c.workload, c.kind): c for c in cases}
+    rows = []
+    for label, key, base_key, bar in TARGETS:
+        value = by_key[key].median
+        floor = None
+        if base_key is not None:
+            base = by_key[base_key].median
+            value /= base
+            floor = by_key[key[0], "bare pipes"].median / base
+        rows.append({"target": label, "bar": bar, "value": value, "met": value >= bar,
+                     "bare_pipes": floor, "bare_pipes_met": None if floor is None else floor >= bar})
+    return rows
+
+
+def format_targets(rows: list[dict[str, Any]]) -> str:
+    width = max(len(r["target"]) for r in rows)
+    lines = ["issue 4's targets in this run (bare pipes: the same envs and processes, no protocol):"]
+    for r in rows:
+        if r["bare_pipes"] is None:
+            lines.append(f"  {r['target']:<{width}}  >= {r['bar']:,.0f} env-steps/s: {r['value']:,.0f}"
+                         f"  {'met' if r['met'] else 'NOT met'}")
+        else:
+            floor = f"bare pipes {r['bare_pipes']:.2f}x, {'above' if r['bare_pipes_met'] else 'BELOW'} the bar"
+            lines.append(f"  {r['target']:<{width}}  >= {r['bar']:.1f}x: {r['value']:.2f}x"
+                         f"  {'met' if r['met'] else 'NOT met':<7}  ({floor})")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- timing
@@ -312,7 +359,7 @@ def format_table(cases: list[Case], pairs: list[tuple[str, Case, Case]]) -> str:
         reps = ", ".join(f"{r:,.0f}" for r in c.rates)
         lines.append(f"{c.name:<{width}}  {c.median:>11,.0f}  {1e6 / calls_per_s:>8.1f}  "
                      f"{statistics.median(c.setups):>7.2f}  {reps}")
-    lines += ["", "ratios of medians (> 1: remote is faster):"]
+    lines += ["", "ratios of medians (> 1: the first is faster):"]
     label_width = max(len(label) for label, _, _ in pairs)
     for label, remote, base in pairs:
         ratio = remote.median / base.median
@@ -354,6 +401,9 @@ def main() -> int:
 
     print()
     print(format_table(cases, pairs))
+    targets = target_rows(cases)
+    print()
+    print(format_targets(targets))
     print(f"\nmeasured in {total:.0f} s")
 
     if args.json:
@@ -368,6 +418,7 @@ def main() -> int:
                 for c in cases
             ],
             "ratios": {label: remote.median / base.median for label, remote, base in pairs},
+            "targets": targets,
             "seconds": total,
         }
         with open(args.json, "w") as f:
