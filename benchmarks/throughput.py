@@ -249,29 +249,30 @@ def ratio_pairs(cases: list[Case]) -> list[tuple[str, Case, Case]]:
     return pairs
 
 
-# Issue 4's targets 1-3: (label, case, baseline or None, the bar). A ratio bar
-# for a baseline; for no baseline, env-steps/s.
+# Issue 4's targets 1-3: (number, workload, baseline, bar). With a baseline the
+# bar is a ratio of medians (a line of ratio_pairs); without one, env-steps/s.
 TARGETS = (
-    ("1. CartPole-v1 remote / async", ("CartPole-v1", "remote"), ("CartPole-v1", "async"), 3.0),
-    ("1. CartPole-v1 remote / sync", ("CartPole-v1", "remote"), ("CartPole-v1", "sync"), 0.8),
-    ("2. StaticImage-v0 remote / async", ("StaticImage-v0", "remote"), ("StaticImage-v0", "async"), 3.0),
-    ("3. single CartPole-v1 remote", (f"single {CARTPOLE}", "remote"), None, 6000.0),
+    (1, "CartPole-v1", "async", 3.0),
+    (1, "CartPole-v1", "sync", 0.8),
+    (2, "StaticImage-v0", "async", 3.0),
+    (3, f"single {CARTPOLE}", None, 6000.0),
 )
 
 
-def target_rows(cases: list[Case]) -> list[dict[str, Any]]:
-    """Each target with this run's figure, and the same figure for ``bare pipes``
+def target_rows(cases: list[Case], ratios: dict[str, float]) -> list[dict[str, Any]]:
+    """Each target with this run's figure, and the same ratio for ``bare pipes``
     (the floor: no protocol) where there is one, so a run shows whether a
     target is within reach of any two-process design on this machine at all."""
-    by_key = {(c.workload, c.kind): c for c in cases}
     rows = []
-    for label, key, base_key, bar in TARGETS:
-        value = by_key[key].median
-        floor = None
-        if base_key is not None:
-            base = by_key[base_key].median
-            value /= base
-            floor = by_key[key[0], "bare pipes"].median / base
+    for number, workload, base, bar in TARGETS:
+        if base is None:
+            label = f"{number}. {workload} remote"
+            value = next(c for c in cases if c.name == f"{workload} remote").median
+            floor = None
+        else:
+            label = f"{number}. {workload} remote / {base}"
+            value = ratios[f"{workload}: remote / {base}"]
+            floor = ratios[f"{workload}: bare pipes / {base}"]
         rows.append({"target": label, "bar": bar, "value": value, "met": value >= bar,
                      "bare_pipes": floor, "bare_pipes_met": None if floor is None else floor >= bar})
     return rows
@@ -361,9 +362,9 @@ def format_table(cases: list[Case], pairs: list[tuple[str, Case, Case]]) -> str:
                      f"{statistics.median(c.setups):>7.2f}  {reps}")
     lines += ["", "ratios of medians (> 1: the first is faster):"]
     label_width = max(len(label) for label, _, _ in pairs)
-    for label, remote, base in pairs:
-        ratio = remote.median / base.median
-        lines.append(f"  {label:<{label_width}}  {ratio:6.3f}x   ({base.median / remote.median:.1f}x slower)"
+    for label, case, base in pairs:
+        ratio = case.median / base.median
+        lines.append(f"  {label:<{label_width}}  {ratio:6.3f}x   ({base.median / case.median:.1f}x slower)"
                      if ratio < 1 else f"  {label:<{label_width}}  {ratio:6.3f}x")
     return "\n".join(lines)
 
@@ -401,7 +402,8 @@ def main() -> int:
 
     print()
     print(format_table(cases, pairs))
-    targets = target_rows(cases)
+    ratios = {label: case.median / base.median for label, case, base in pairs}
+    targets = target_rows(cases, ratios)
     print()
     print(format_targets(targets))
     print(f"\nmeasured in {total:.0f} s")
@@ -417,7 +419,7 @@ def main() -> int:
                  "env_steps_per_s": c.rates, "setup_s": c.setups}
                 for c in cases
             ],
-            "ratios": {label: remote.median / base.median for label, remote, base in pairs},
+            "ratios": ratios,
             "targets": targets,
             "seconds": total,
         }
