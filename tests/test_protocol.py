@@ -92,12 +92,24 @@ _HELLO = {"protocol": 1, "env_id": "CartPole-v1", "num_envs": 2, "name": "w"}
         {**_HELLO, "num_envs": None},
         {**_HELLO, "name": 5},
         {**_HELLO, "name": ["w"]},
+        {**_HELLO, "worker_id": ""},
+        {**_HELLO, "worker_id": 7},
+        {**_HELLO, "worker_id": "a" * (P.MAX_WORKER_ID + 1)},
+        {**_HELLO, "worker_id": "ab-cd"},
+        {**_HELLO, "worker_id": "\u00e9t\u00e9"},
     ],
     ids=repr,
 )
 def test_parse_hello_refuses_bad_fields(body):
     with pytest.raises(ProtocolError, match="hello"):
         P.parse_hello(body)
+
+
+def test_a_returning_worker_presents_its_id():
+    assert P.parse_hello(wire(P.make_hello("CartPole-v1", 2, "w"))).worker_id is None
+    assert "worker_id" not in P.make_hello("CartPole-v1", 2, "w")
+    hello = P.parse_hello(wire(P.make_hello("CartPole-v1", 2, "w", "0f3a" * 8)))
+    assert hello.worker_id == "0f3a" * 8
 
 
 # ------------------------------------------------------------------- welcome
@@ -118,6 +130,7 @@ _W = P.Welcome(
     [
         _W,
         dataclasses.replace(_W, env_kwargs={}, max_episode_steps=None),
+        dataclasses.replace(_W, heartbeat=2.5, worker_id="9" * P.MAX_WORKER_ID),
         dataclasses.replace(_W, mode=P.MODE_SINGLE, num_envs=1, first_index=0),
         *[dataclasses.replace(_W, autoreset_mode=m) for m in P.AUTORESET_MODES],
         dataclasses.replace(_W, env_kwargs={"nested": {"a": [1, 2.5, None]}, "t": (1, 2)}),
@@ -141,7 +154,12 @@ def _wb(**kw):
         [],
         {},
         *[{k: v for k, v in _WB.items() if k != missing}
-          for missing in _WB if missing not in ("max_episode_steps", "record_episode_statistics", "heartbeat")],
+          for missing in _WB
+          if missing not in ("max_episode_steps", "record_episode_statistics", "heartbeat", "worker_id")],
+        _wb(worker_id=""),
+        _wb(worker_id=1),
+        _wb(worker_id="x" * (P.MAX_WORKER_ID + 1)),
+        _wb(worker_id="a b"),
         _wb(record_episode_statistics=1),
         _wb(heartbeat=0),
         _wb(heartbeat=-1.0),

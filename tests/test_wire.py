@@ -62,7 +62,7 @@ def _small_buffered_direct_connection(*, client: bool, mask_key: bytes | None = 
         flush = conn._flush_queued
         conn._flush_queued = lambda: (flushes.append(1), flush())
         yield loop, conn, peer, flushes
-        conn.abort()
+        asyncio.run_coroutine_threadsafe(_call(conn.abort), loop).result(10)  # the loop owns the transport
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)

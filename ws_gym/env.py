@@ -55,6 +55,7 @@ class RemoteEnv(gym.Env):
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
         busy_poll: bool | None = None,
+        public_url: str | None = None,
     ) -> None:
         # autoreset_mode and worker_vectorization are accepted for a uniform signature: a single
         # env never autoresets, and a worker runs it in its own process whatever its vectorization.
@@ -70,7 +71,7 @@ class RemoteEnv(gym.Env):
             ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
             max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
             worker_vectorization=worker_vectorization, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
-            busy_poll=busy_poll,
+            busy_poll=busy_poll, public_url=public_url,
         )
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
@@ -113,10 +114,18 @@ class RemoteEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         super().reset(seed=seed)
+        trainer = self._trainer
         worker = self._worker()
         if not self._loaded:
             self._load()
-        (reply,) = self._trainer.request([(worker, P.RESET, {"seeds": seed, "options": options})])
+        body = {"seeds": seed, "options": options}
+        if trainer.wait_mode:  # a worker lost during the reset: wait for the next one and reset it
+            (reply,) = trainer.wait(trainer.submit([(worker, P.RESET, body)], tolerant=True))
+            while reply is LOST:
+                worker = self._worker()
+                (reply,) = trainer.wait(trainer.submit([(worker, P.RESET, body)], tolerant=True))
+        else:
+            (reply,) = trainer.request([(worker, P.RESET, body)])
         _check(reply, ("o", "info"), worker.origin)
         worker.fresh = False
         self._last_obs = reply["o"]
@@ -133,6 +142,9 @@ class RemoteEnv(gym.Env):
                 return self._lost()
         else:
             worker = trainer.pool.serving()[0]
+            if worker.fresh and self._last_obs is not None:  # envs a new worker brings are not reset
+                raise WorkerLostError(f"the env lost its worker since the last reset(); {worker.origin} "
+                                      "serves it now with a new env: call reset()")
             (reply,) = trainer.request([(worker, P.STEP, {"a": action})])
         _check(reply, ("o", "r", "t", "u", "info"), worker.origin)
         self._last_obs = reply["o"]

@@ -16,7 +16,7 @@ import sys
 import weakref
 
 from .errors import WsGymError
-from .protocol import EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED, TOKEN_ENV
+from .protocol import EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED, TOKEN_ENV
 
 log = logging.getLogger("ws_gym")
 
@@ -97,7 +97,7 @@ class LocalWorkers:
             if code == EXIT_REFUSED and self.max_restarts is None:
                 if not free:
                     continue  # every env has a worker now; start it again when one is lost
-            elif code in (EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED) or (
+            elif code in (EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_UNTRUSTED, EXIT_NOT_FOUND) or (
                 self.max_restarts is not None and self._restarts[i] >= self.max_restarts
             ):
                 raise WsGymError(

@@ -16,6 +16,7 @@ that disconnects fails its pending requests at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import hmac
@@ -23,6 +24,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import secrets
 import socket
 import ssl
 import threading
@@ -39,6 +41,7 @@ from . import frames as F
 from .compact import REPLY as COMPACT_REPLY
 from .compact import StepLayout, layout_for
 from . import protocol as P
+from .liveness import TrainerLiveness, check_interval, give_up_unacked
 from .errors import (
     ConnectTimeoutError,
     HandshakeError,
@@ -87,9 +90,10 @@ class WorkerConn:
     wire: FrameConnection | None = None  # the connection's frames, once admitted
     aiohttp_protocol: Any = None  # aiohttp's protocol for the transport, handed back at the end
     last_rx: float = 0.0  # loop time of the last frame received (heartbeats)
+    worker_id: str = ""  # names the worker across reconnects (see _handshake)
+    live: TrainerLiveness | None = None  # its heartbeat clock, with heartbeats on
     unknown: int = 0  # replies to unknown requests not logged yet (logged at most once a second)
     unknown_logged_at: float = float("-inf")
-    ping_at: float | None = None  # loop time of an unanswered heartbeat ping
     compact: StepLayout | None = None  # its step frames' compact layout, when the worker takes them
 
     @property
@@ -204,6 +208,88 @@ def loopback_for(host: str) -> str:
     return host
 
 
+# What a proxy says about the client is untrusted text: read a bounded prefix,
+# keep an address only if it is short and made of address characters.
+MAX_FORWARDED_HEADER = 4096
+MAX_FORWARDED_ADDRESS = 64
+_ADDRESS_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.:-_%")
+
+
+def forwarded_client(headers: Mapping[str, str]) -> str | None:
+    """The client address a proxy forwarded, or None when the request carries
+    neither a ``Forwarded`` nor an ``X-Forwarded-For`` header.
+
+    The first ``for=`` of ``Forwarded`` (RFC 7239), else the first entry of
+    ``X-Forwarded-For``, without quotes, brackets or port; ``"unknown"`` when
+    the headers name none, or nothing that looks like an address.
+    """
+    getall = getattr(headers, "getall", None)  # several headers of one name: aiohttp's CIMultiDict
+    forwarded = getall("Forwarded", None) if getall else headers.get("Forwarded")
+    xff = getall("X-Forwarded-For", None) if getall else headers.get("X-Forwarded-For")
+    if forwarded is None and xff is None:
+        return None
+    if isinstance(forwarded, str):
+        forwarded = [forwarded]
+    if isinstance(xff, str):
+        xff = [xff]
+    value = _first_for(",".join(forwarded)[:MAX_FORWARDED_HEADER]) if forwarded else None
+    if value is None and xff:
+        value = xff[0][:MAX_FORWARDED_HEADER].split(",", 1)[0]
+    return _forwarded_address(value)
+
+
+def _first_for(text: str) -> str | None:
+    """The value of the first ``for`` parameter in a ``Forwarded`` header's
+    elements (``a=b;c=d, e=f``), quoted strings unquoted."""
+    i, n = 0, len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] not in "=;,":
+            j += 1
+        name = text[i:j].strip().lower()
+        if j < n and text[j] == "=":
+            j += 1
+            while j < n and text[j] in " \t":
+                j += 1
+            if j < n and text[j] == '"':  # quoted-string: may hold ; and , (and \-escapes)
+                j += 1
+                chars = []
+                while j < n and text[j] != '"':
+                    if text[j] == "\\" and j + 1 < n:
+                        j += 1
+                    chars.append(text[j])
+                    j += 1
+                value = "".join(chars)
+                j += 1
+            else:
+                k = j
+                while k < n and text[k] not in ";,":
+                    k += 1
+                value, j = text[j:k].strip(), k
+            if name == "for":
+                return value
+        while j < n and text[j] not in ";,":
+            j += 1
+        i = j + 1
+    return None
+
+
+def _forwarded_address(value: str | None) -> str:
+    """An address from a forwarding header, shown in logs: brackets and port
+    taken off; ``"unknown"`` for anything else."""
+    if value is None:
+        return "unknown"
+    value = value.strip().strip('"').strip()
+    if value.startswith("["):  # "[2001:db8::1]" or "[2001:db8::1]:4711"
+        end = value.find("]")
+        value = value[1:end] if end > 0 else ""
+    elif value.count(":") == 1:  # "192.0.2.7:4711"; more colons: a bare IPv6 address, no port
+        value = value.partition(":")[0]
+    if not value or len(value) > MAX_FORWARDED_ADDRESS or not _ADDRESS_CHARS.issuperset(value):
+        return "unknown"
+    return value
+
+
 class WorkerPool:
     """The server plus the table of env slots and the workers serving them."""
 
@@ -229,6 +315,10 @@ class WorkerPool:
         self.expect = expect
         self.host = host
         self.token = token or None  # "" means no token, as None
+        # Without a token, connections through a proxy (Forwarded/X-Forwarded-For)
+        # are refused, as they need not come from this machine; token="" (no
+        # token on purpose) lets them in too.
+        self.refuse_proxied = token is None
         self.max_msg_size = max_msg_size
         self.handshake_timeout = handshake_timeout
         self.ready_timeout = ready_timeout
@@ -244,6 +334,8 @@ class WorkerPool:
         self._cond = threading.Condition()
         self._slots: list[WorkerConn | None] = [None] * num_envs
         self._conns: set[WorkerConn] = set()
+        self._by_id: dict[str, WorkerConn] = {}  # worker_id -> its live connection (loop thread)
+        self._served: dict[str, tuple[int, int]] = {}  # worker_id -> the envs it served last (loop thread)
         self._events: list[str] = []  # recent refusals and losses, for error messages
         self._ids = itertools.count(1)
         self._version = 0  # bumped whenever a slot or a worker's state changes
@@ -311,15 +403,26 @@ class WorkerPool:
             del self._events[:-5]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        # Behind a proxy the socket's peer is the proxy: show the client it names.
+        client = forwarded_client(request.headers)
+        remote = str(request.remote or "unix socket")
+        peer = remote if client is None else f"{client} via proxy {remote}"
+        if client is not None and self.refuse_proxied:
+            # No token because only this machine could connect; a proxy breaks that.
+            log.warning("refused a connection from %s: it came through a proxy (Forwarded or "
+                        "X-Forwarded-For header) and this trainer has no token; connections through a "
+                        "proxy need a token: start the trainer with token=... or public_url=...", peer)
+            return web.Response(status=403, text="ws_gym: connections through a proxy need a token; "
+                                "start the trainer with token=... or public_url=...")
         if self.token is not None:
             given = request.headers.get(P.TOKEN_HEADER, "")
             if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode()):
-                log.warning("rejected a connection from %s: wrong or missing token", request.remote)
+                log.warning("rejected a connection from %s: wrong or missing token", peer)
                 return web.Response(status=401, text="ws_gym: wrong or missing token")
         if self._closing:
             return web.Response(status=503, text="ws_gym: the trainer is closing")
         if self._pending_handshakes >= self.max_pending_handshakes:
-            self._log_busy(request.remote)
+            self._log_busy(peer)
             return web.Response(
                 status=503,
                 text=f"ws_gym: too many pending handshakes ({self.max_pending_handshakes}); retry later",
@@ -328,7 +431,6 @@ class WorkerPool:
         pending = True
         # autoping off: _read_replies answers pings itself and sees pongs (heartbeats)
         ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, compress=False, autoping=False)
-        peer = str(request.remote or "unix socket")
         conn = None
         try:
             await ws.prepare(request)
@@ -384,8 +486,12 @@ class WorkerPool:
             except (ConnectionError, RuntimeError):
                 pass
 
-    def _admit(self, hello: P.Hello, peer: str, ws: web.WebSocketResponse) -> WorkerConn:
-        """Decide on a hello: reserve a run of free slots, or raise HandshakeError."""
+    def _admit(self, hello: P.Hello, peer: str, ws: web.WebSocketResponse,
+               prefer: tuple[int, int] | None = None) -> WorkerConn:
+        """Decide on a hello: reserve a run of free slots, or raise HandshakeError.
+
+        ``prefer``: the envs a returning worker served before, taken again where
+        they are free."""
         with self._cond:
             expect = self.expect
             if hello.env_id is not None and expect.env_id is not None and hello.env_id != expect.env_id:
@@ -397,25 +503,33 @@ class WorkerPool:
                 raise HandshakeError(
                     "no env id: pass env_id= to the trainer or --env to the worker"
                 )
-            start, run = self._free_run()
+            start, run = self._free_run(prefer)
             if run == 0:
                 if any(c is not None and not c.active for c in self._slots):
                     # held by a worker still starting (or one that never finishes): may free up
                     raise HandshakeError("busy: the free envs are held by a worker still starting; "
                                          "retry later", retry=True)
+                # a worker that served before may be needed again soon (its envs may be
+                # held by a connection not yet found dead): it retries, never strands
                 raise HandshakeError(
-                    f"not needed: all {self.num_envs} envs are served already"
+                    f"not needed: all {self.num_envs} envs are served already",
+                    retry=hello.worker_id is not None,
                 )
             if expect.env_id is None:
                 expect.env_id = hello.env_id  # the first worker names the env
             conn = WorkerConn(next(self._ids), hello.name, peer, start, min(run, hello.num_envs), ws)
+            conn.worker_id = hello.worker_id or secrets.token_hex(16)
+            if self.heartbeat:
+                conn.live = TrainerLiveness(self.heartbeat)
             for i in range(conn.start, conn.stop):
                 self._slots[i] = conn
             self._version += 1
             self._conns.add(conn)
             return conn
 
-    def _free_run(self) -> tuple[int, int]:
+    def _free_run(self, prefer: tuple[int, int] | None = None) -> tuple[int, int]:
+        if prefer is not None and all(self._slots[i] is None for i in range(*prefer)):
+            return prefer[0], prefer[1] - prefer[0]
         start = None
         for i, owner in enumerate(self._slots):
             if owner is None and start is None:
@@ -429,7 +543,18 @@ class WorkerPool:
         if msg.kind != P.HELLO:
             raise ProtocolError(f"the first message must be hello, got {msg.kind!r}")
         hello = P.parse_hello(msg.body)
-        conn = self._admit(hello, peer, ws)
+        prefer = None
+        if hello.worker_id is not None:
+            stale = self._by_id.get(hello.worker_id)
+            if stale is not None:  # its link died and we have not noticed yet: the worker knows better
+                self._drop(stale, "dialed in again: its old connection was dead", cut_off=True)
+            prefer = self._served.get(hello.worker_id)
+        conn = self._admit(hello, peer, ws, prefer)
+        self._by_id[conn.worker_id] = conn
+        self._served.pop(conn.worker_id, None)  # re-inserted last: the bound below drops the oldest
+        self._served[conn.worker_id] = (conn.start, conn.stop)
+        while len(self._served) > 4 * self.num_envs + 64:  # bounded: the oldest go first
+            del self._served[next(iter(self._served))]
         conn.transport = transport
         try:
             welcome = P.Welcome(
@@ -442,6 +567,7 @@ class WorkerPool:
                 max_episode_steps=self.expect.max_episode_steps,
                 record_episode_statistics=self.expect.record_episode_statistics,
                 heartbeat=self.heartbeat,
+                worker_id=conn.worker_id,
             )
             await ws.send_bytes(codec.encode(P.WELCOME, 0, P.make_welcome(welcome), strict=True))
             msg = await receive_message(ws, self.ready_timeout, "during the handshake")
@@ -474,6 +600,8 @@ class WorkerPool:
         )
         if self._direct and conn.wire.enable_direct() and self.busy_poll:
             conn.wire.claim_reading()  # the worker sends nothing before our accept
+        if self.heartbeat:  # a dead link ends a busy connection too (see ws_gym.liveness)
+            give_up_unacked(transport.get_extra_info("socket"), self.heartbeat)
         conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
         with self._cond:
             conn.active = True
@@ -514,6 +642,8 @@ class WorkerPool:
                     self._slots[i] = None
             self._version += 1
             self._conns.discard(conn)
+            if self._by_id.get(conn.worker_id) is conn:
+                del self._by_id[conn.worker_id]
             self._cond.notify_all()
 
     def _drop(self, conn: WorkerConn, why: str = "disconnected", *, cut_off: bool = False) -> None:
@@ -561,6 +691,9 @@ class WorkerPool:
                 log.warning("closed the connection from %s: %s", conn.origin, exc)
         except (ConnectionError, OSError) as exc:
             log.debug("connection from %s ended: %r", conn.peer, exc)
+            if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
+                # the kernel gave up on unacknowledged bytes (see ws_gym.liveness)
+                self._drop(conn, f"acknowledged nothing for {self.heartbeat:g} s: link dead (heartbeat)")
 
     def _on_control(self, conn: WorkerConn) -> None:
         conn.last_rx = self._loop.time()
@@ -683,28 +816,22 @@ class WorkerPool:
                 call.fail(WorkerLostError(f"{conn.origin}: send failed: {exc}"))
                 return
 
-    async def _watch(self, interval: float) -> None:
-        """Heartbeats: ping a worker that has been quiet for ``interval`` seconds
-        and cut it off when no answer comes within ``interval / 2``.
-
-        A worker busy with a request cannot answer (its env runs in its event
-        loop), so workers with a request in flight are left to ``step_timeout``.
-        """
-        grace = interval / 2
+    async def _watch(self, heartbeat: float) -> None:
+        """Heartbeats (rules in :mod:`ws_gym.liveness`): ping every worker heard
+        from less than half a heartbeat ago, busy or not, and cut off an idle
+        one silent for 1.5 heartbeats. A busy worker on a dead link leaves the
+        pings unacknowledged, and the kernel ends its connection."""
+        interval = check_interval(heartbeat)
         while True:
-            await asyncio.sleep(min(grace / 2, 1.0))
+            await asyncio.sleep(interval)
             now = self._loop.time()
             for conn in list(self._conns):
-                if not conn.active or conn.pending:
-                    conn.ping_at = None
+                live = conn.live
+                if not conn.active or live is None:
                     continue
-                if conn.ping_at is not None and conn.last_rx < conn.ping_at:
-                    if now - conn.ping_at >= grace:
-                        self._drop(conn, f"sent nothing for {now - conn.last_rx:.0f} s (heartbeat)", cut_off=True)
-                    continue
-                conn.ping_at = None
-                if now - conn.last_rx >= interval:
-                    conn.ping_at = now
+                if live.dead(now, conn.last_rx, bool(conn.pending)):
+                    self._drop(conn, f"sent nothing for {now - conn.last_rx:.1f} s (heartbeat)", cut_off=True)
+                elif live.ping_due(now, conn.last_rx):
                     try:
                         conn.wire.ping()
                     except (ConnectionError, RuntimeError):
@@ -752,7 +879,7 @@ class WorkerPool:
             missing = [i for i, c in enumerate(self._slots) if c is None or not c.active]
             if missing:
                 raise WorkerLostError(
-                    f"envs {_ranges(missing)} have no worker ({self._last_event()}); "
+                    f"envs {env_ranges(missing)} have no worker ({self._last_event()}); "
                     "call reset() to wait for a replacement"
                 )
             workers = self._ordered()
@@ -888,8 +1015,8 @@ class WorkerPool:
                         raise call.error
                     return call.results
             batch = call.batch
+            slow = [c.origin for c, rid, _ in batch if rid in c.pending] or [c.origin for c, _, _ in batch]
             self._loop.call_soon_threadsafe(self._abandon, call, batch)
-            slow = [c.origin for c, _, _ in batch]
             raise StepTimeoutError(f"no complete answer within {timeout:g} s from {', '.join(slow)}")
         if call.error is not None:
             raise call.error
@@ -976,7 +1103,7 @@ class WorkerPool:
             self._loop.close()
 
 
-def _ranges(indices: list[int]) -> str:
+def env_ranges(indices: list[int]) -> str:
     parts = []
     for _, group in itertools.groupby(enumerate(indices), lambda p: p[1] - p[0]):
         g = [i for _, i in group]

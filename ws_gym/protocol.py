@@ -7,10 +7,11 @@ wrong, so the I/O layers only move bytes.
 
 Handshake (worker dials the trainer)::
 
-    worker  -> hello    {protocol, env_id | null, num_envs, name}
+    worker  -> hello    {protocol, env_id | null, num_envs, name, worker_id?}
     trainer -> welcome  {env_id, env_kwargs, num_envs, first_index, mode,
                          autoreset_mode, max_episode_steps,
-                         record_episode_statistics, heartbeat}  | refuse {reason}
+                         record_episode_statistics, heartbeat,
+                         worker_id}                  | refuse {reason, retry?}
     worker  -> ready    {observation_space, action_space, render_mode, metadata,
                          compact?}                               | error {...}
     trainer -> accept   {}                                       | refuse {reason}
@@ -42,6 +43,7 @@ EXIT_REFUSED = 2  # refused in the handshake: version, env, spaces, not needed
 EXIT_UNAUTHORIZED = 3  # wrong or missing token
 EXIT_GAVE_UP = 4  # no trainer within --retry-timeout
 EXIT_UNTRUSTED = 5  # the trainer's TLS certificate failed verification
+EXIT_NOT_FOUND = 6  # no WebSocket endpoint at the URL (HTTP 404): a wrong path
 
 HELLO = "hello"
 WELCOME = "welcome"
@@ -66,6 +68,7 @@ AUTORESET_MODES = ("NextStep", "SameStep", "Disabled")  # gymnasium AutoresetMod
 
 MAX_NAME = 200
 MAX_ENVS_PER_WORKER = 4096
+MAX_WORKER_ID = 64
 
 
 def _field(body: Any, key: str, types: tuple, what: str, *, optional: bool = False) -> Any:
@@ -89,16 +92,29 @@ def _env_id(value: Any, what: str) -> str | None:
     return value
 
 
+def _worker_id(value: Any, what: str) -> str | None:
+    if value is not None and not (0 < len(value) <= MAX_WORKER_ID and value.isascii() and value.isalnum()):
+        raise ProtocolError(f"{what}: worker_id must be 1 to {MAX_WORKER_ID} ASCII letters or digits")
+    return value
+
+
 @dataclass(frozen=True)
 class Hello:
     protocol: int
     env_id: str | None
     num_envs: int
     name: str
+    # the id a trainer gave this worker in an earlier welcome: a worker that
+    # dials in again after a dropped link presents it, so the trainer can
+    # replace the stale connection at once
+    worker_id: str | None = None
 
 
-def make_hello(env_id: str | None, num_envs: int, name: str) -> dict:
-    return {"protocol": PROTOCOL_VERSION, "env_id": env_id, "num_envs": num_envs, "name": name}
+def make_hello(env_id: str | None, num_envs: int, name: str, worker_id: str | None = None) -> dict:
+    body = {"protocol": PROTOCOL_VERSION, "env_id": env_id, "num_envs": num_envs, "name": name}
+    if worker_id is not None:
+        body["worker_id"] = worker_id
+    return body
 
 
 def parse_hello(body: Any) -> Hello:
@@ -115,7 +131,8 @@ def parse_hello(body: Any) -> Hello:
     if not 1 <= num_envs <= MAX_ENVS_PER_WORKER:
         raise ProtocolError(f"hello: num_envs must be between 1 and {MAX_ENVS_PER_WORKER}")
     name = _field(body, "name", (str,), "hello", optional=True) or "?"
-    return Hello(version, env_id, num_envs, name[:MAX_NAME])
+    worker_id = _worker_id(_field(body, "worker_id", (str,), "hello", optional=True), "hello")
+    return Hello(version, env_id, num_envs, name[:MAX_NAME], worker_id)
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,8 @@ class Welcome:
     autoreset_mode: str
     max_episode_steps: int | None
     record_episode_statistics: bool = False
-    heartbeat: float | None = None  # the trainer pings an idle worker this often
+    heartbeat: float | None = None  # the trainer's heartbeat (see ws_gym.liveness)
+    worker_id: str | None = None  # presented again in the hello of a reconnect
 
 
 def make_welcome(w: Welcome) -> dict:
@@ -142,6 +160,7 @@ def make_welcome(w: Welcome) -> dict:
         "max_episode_steps": w.max_episode_steps,
         "record_episode_statistics": w.record_episode_statistics,
         "heartbeat": w.heartbeat,
+        "worker_id": w.worker_id,
     }
 
 
@@ -159,6 +178,7 @@ def parse_welcome(body: Any) -> Welcome:
     heartbeat = _field(body, "heartbeat", (int, float), "welcome", optional=True)
     if heartbeat is not None and not 0 < heartbeat <= 86400:
         raise ProtocolError("welcome: heartbeat must be between 0 and 86400 seconds")
+    worker_id = _worker_id(_field(body, "worker_id", (str,), "welcome", optional=True), "welcome")
     if not 1 <= num_envs <= MAX_ENVS_PER_WORKER or first < 0:
         raise ProtocolError("welcome: bad env count or index")
     if mode not in (MODE_VECTOR, MODE_SINGLE):
@@ -168,7 +188,7 @@ def parse_welcome(body: Any) -> Welcome:
     if mode == MODE_SINGLE and num_envs != 1:
         raise ProtocolError("welcome: single mode hosts exactly one env")
     return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps, stats,
-                   None if heartbeat is None else float(heartbeat))
+                   None if heartbeat is None else float(heartbeat), worker_id)
 
 
 @dataclass(frozen=True)

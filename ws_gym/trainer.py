@@ -21,6 +21,7 @@ import tempfile
 import time
 import weakref
 from typing import Any
+from urllib.parse import urlsplit
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
@@ -75,6 +76,26 @@ def server_ssl_context(
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(certfile, keyfile)
     return ctx
+
+
+def check_public_url(url: str | None) -> str | None:
+    """``public_url`` as given, once it is a ``ws://`` or ``wss://`` URL with a host."""
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise TypeError(f"public_url must be a string or None, got {type(url).__name__}")
+    hint = ("public_url must be the ws:// or wss:// URL the PCs dial, with a host, e.g. "
+            f"wss://trainer.example/ws-gym/ws; got {url!r}")
+    if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+        raise ValueError(hint)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        raise ValueError(hint) from None
+    if parts.scheme.lower() not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(hint)
+    return url
 
 
 def autoreset_value(mode: AutoresetMode | str) -> AutoresetMode:
@@ -179,7 +200,11 @@ class Trainer:
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
         busy_poll: bool | None = None,
+        public_url: str | None = None,
     ) -> None:
+        public_url = check_public_url(public_url)
+        if isinstance(host, str) and len(host) > 2 and host[0] == "[" and host[-1] == "]":
+            host = host[1:-1]  # an IPv6 address written as in URLs ("[::1]")
         if env_id is not None and not isinstance(env_id, str):
             raise TypeError(f"env_id must be a string or None, got {type(env_id).__name__}")
         if env_kwargs is not None and not isinstance(env_kwargs, dict):
@@ -203,12 +228,17 @@ class Trainer:
             raise TypeError(f"token must be a string or None, got {type(token).__name__}")
         server_ssl = server_ssl_context(ssl_context, certfile, keyfile)
         self.token_generated = False
-        if token is None and not is_loopback(host):
-            # Reachable from other machines: never without a token unless asked (token="").
+        tokens_off = token == ""  # no token on purpose: proxied connections are let in too
+        if token is None and (not is_loopback(host) or public_url is not None):
+            # Reachable from other machines (directly or through a proxy):
+            # never without a token unless asked (token="").
             token = secrets.token_urlsafe(32)
             self.token_generated = True
-        elif token == "":
-            if not is_loopback(host):
+        elif tokens_off:
+            if public_url is not None:
+                log.warning("token='' with public_url=%s: any machine that reaches that URL may serve envs",
+                            public_url)
+            elif not is_loopback(host):
                 log.warning("token='' on %s: any machine that reaches the port may serve envs", host or "*")
             token = None
         self.token: str | None = token
@@ -235,7 +265,7 @@ class Trainer:
         self.busy_poll = busy_poll_wanted(busy_poll, local_workers, worker_vectorization, server_ssl)
         try:
             self.pool = WorkerPool(
-                num_envs=num_envs, expect=expect, host=host, port=port, token=token,
+                num_envs=num_envs, expect=expect, host=host, port=port, token="" if tokens_off else token,
                 max_msg_size=max_msg_size, ready_timeout=max(self.connect_timeout, 10.0),
                 handshake_timeout=float(handshake_timeout), max_pending_handshakes=max_pending_handshakes,
                 ssl_context=server_ssl, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
@@ -245,13 +275,18 @@ class Trainer:
             if self._unix_dir is not None:
                 shutil.rmtree(self._unix_dir, ignore_errors=True)
             raise
-        self.url = self.pool.url
+        self.public_url = public_url
+        listening = self.pool.url
+        self.url = public_url or listening  # what workers dial (local workers: pool.local_url)
+        if public_url is not None:  # the pool's messages name it too ("workers connect to ...")
+            self.pool.url = public_url
         self.local: LocalWorkers | None = None
         self._next_local_check = 0.0
         self._waited = False
         try:
             if self.token_generated:
-                _say(f"listening on {self.url} with a generated token (no token= was given); "
+                where = listening if public_url is None else f"{listening} (workers dial {public_url})"
+                _say(f"listening on {where} with a generated token (no token= was given); "
                      f"on each PC run: {self.worker_command()}")
             if counts:
                 self.local = LocalWorkers(self.pool.local_url, counts, token=token, unix_socket=self.pool.unix_path,
@@ -272,8 +307,8 @@ class Trainer:
         A token ws_gym generated is shown in full (it is printed nowhere else);
         one the user chose is shown as a placeholder, to keep it out of logs.
         """
-        url = self.url
-        if self.pool.host in ("0.0.0.0", "::", ""):  # listening everywhere: name this machine
+        url = self.url  # public_url as given, when there is one
+        if self.public_url is None and self.pool.host in ("0.0.0.0", "::", ""):  # everywhere: name this machine
             url = format_url(socket.gethostname(), self.pool.port, self.pool.ssl_context is not None)
         env = f" --env {self.env_id}" if self.env_id else " --env ENV_ID"
         secret = ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import ssl
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -23,8 +24,8 @@ from gymnasium.vector.utils import batch_space
 from . import protocol as P
 from . import codec
 from .codec import Unencodable
-from .errors import ProtocolError
-from .pool import LOST
+from .errors import ProtocolError, WorkerLostError
+from .pool import LOST, env_ranges
 from .trainer import Trainer, autoreset_value
 
 __all__ = ["RemoteVectorEnv"]
@@ -166,6 +167,7 @@ class RemoteVectorEnv(VectorEnv):
         heartbeat: float | None = 10.0,
         on_worker_lost: str = "raise",
         busy_poll: bool | None = None,
+        public_url: str | None = None,
     ) -> None:
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -184,7 +186,7 @@ class RemoteVectorEnv(VectorEnv):
             ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
             max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
             worker_vectorization=worker_vectorization, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
-            busy_poll=busy_poll,
+            busy_poll=busy_poll, public_url=public_url,
         )
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
@@ -192,6 +194,7 @@ class RemoteVectorEnv(VectorEnv):
         self._raw_infos: list[tuple[int, list]] = []  # (first env, info log): the latest, unmerged
         self._ended: np.ndarray | None = None  # wait mode: which envs' last result ended their episode
         self._pending: tuple[Any, Any, Any, Any] | None = None  # a step_async awaiting step_wait
+        self._reset_tried = False  # reset() was called: envs a new worker brings are lost ones
         self._single_obs = self._single_act = self._obs = self._act = None
         self._batched_obs = False
         self._render_mode = render_mode
@@ -262,18 +265,38 @@ class RemoteVectorEnv(VectorEnv):
             _check_mask(mask, n)
         if around_holes:
             return self._reset_around_holes(seeds, options, mask)
-        workers = trainer.pool.serving()
-        items, asked = [], []
-        for w in workers:
-            body: dict[str, Any] = {"seeds": seeds[w.start : w.stop], "options": options}
-            if mask is not None and not w.fresh:
-                part = mask[w.start : w.stop]
-                if not part.any():
-                    continue
-                body["mask"] = part.tolist()
-            items.append((w, P.RESET, body))
-            asked.append(w)
-        replies = trainer.request(items)
+        self._reset_tried = True
+        deadline = time.monotonic() + trainer.connect_timeout
+        while True:
+            try:
+                workers = trainer.pool.serving()
+            except WorkerLostError:  # lost after wait_workers() returned
+                if not trainer.wait_mode or time.monotonic() > deadline:
+                    raise
+                trainer.wait_workers()
+                continue
+            items, asked = [], []
+            for w in workers:
+                body: dict[str, Any] = {"seeds": seeds[w.start : w.stop], "options": options}
+                if mask is not None and not w.fresh:
+                    part = mask[w.start : w.stop]
+                    if not part.any():
+                        continue
+                    body["mask"] = part.tolist()
+                items.append((w, P.RESET, body))
+                asked.append(w)
+            if not trainer.wait_mode:
+                replies = trainer.request(items)
+                break
+            # wait mode, first reset: there is no last observation to hold for a lost
+            # env, so a worker lost now is waited for, and the reset done again
+            replies = trainer.wait(trainer.submit(items, tolerant=True))
+            if not any(r is LOST for r in replies):
+                break
+            if time.monotonic() > deadline:
+                raise WorkerLostError(f"workers kept being lost during the first reset() for "
+                                      f"{trainer.connect_timeout:g} s (connect_timeout)")
+            trainer.wait_workers()
         infos: dict[str, Any] = {}
         for w, reply in zip(asked, replies):
             check_reply(reply, w.count, self._single_obs, w.origin, step=False)
@@ -380,6 +403,8 @@ class RemoteVectorEnv(VectorEnv):
             self._pending = self._step_around_holes(actions)
             return
         workers = trainer.pool.serving()
+        if self._reset_tried and any(w.fresh for w in workers):
+            self._refuse_fresh(workers)
         if len(workers) == 1:
             items = [(workers[0], P.STEP, {"a": actions})]
         elif array_actions:  # as cut() slices an array space's batch
@@ -390,6 +415,17 @@ class RemoteVectorEnv(VectorEnv):
         batch = _StepBatch(self._single_obs, self.num_envs, workers) if self._batched_obs else None
         call = trainer.submit(items, sink=batch.fill if batch is not None else None)
         self._pending = (call, workers, None, batch)
+
+    def _refuse_fresh(self, workers: list) -> None:
+        """Raise mode: envs that a new (or returning) worker took over since the
+        last reset have new episodes, not reset yet: they were lost, as the
+        caller would have been told had the loss been seen before the return."""
+        fresh = [w for w in workers if w.fresh]
+        envs = env_ranges([i for w in fresh for i in range(w.start, w.stop)])
+        raise WorkerLostError(
+            f"envs {envs} lost their worker since the last reset(); "
+            f"{', '.join(w.origin for w in fresh)} serves them now with new envs: call reset()"
+        )
 
     def _step_around_holes(self, actions: Any) -> tuple[Any, None, list]:
         """Wait mode: step the envs that have a worker. A worker that joined since

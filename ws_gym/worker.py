@@ -32,6 +32,7 @@ from . import frames as F
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import VECTORIZATIONS, EnvHost, check_vectorization
+from .liveness import WorkerLiveness, check_interval, give_up_unacked
 from .wire import FrameConnection, hand_back
 from .wsio import receive_message
 
@@ -44,6 +45,7 @@ DEFAULT_MAX_MSG = 256 * 1024 * 1024
 EXIT_OK, EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_GAVE_UP, EXIT_UNTRUSTED = (
     P.EXIT_OK, P.EXIT_REFUSED, P.EXIT_UNAUTHORIZED, P.EXIT_GAVE_UP, P.EXIT_UNTRUSTED
 )
+EXIT_NOT_FOUND = P.EXIT_NOT_FOUND
 
 
 # A dead trainer does not answer a close: do not wait long for it.
@@ -52,6 +54,9 @@ _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_close=2.0) if hasattr(aiohttp, "ClientW
 
 class _Closed(Exception):
     """The trainer closed the session politely."""
+
+
+RETURN_BACKOFF_CAP = 2.0  # seconds between a served worker's attempts to dial in again, at most
 
 
 def backoff_delays(first: float = 0.1, cap: float = 5.0):
@@ -152,12 +157,15 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.host: EnvHost | None = None
         self._delays_reset = False
+        self.worker_id: str | None = None  # the trainer's name for us, presented again on a reconnect
 
     async def run(self) -> int:
         """Connect, serve, reconnect after drops; return the process exit code."""
         loop = asyncio.get_running_loop()
         headers = {TOKEN_HEADER: self.token} if self.token else {}
-        timeout = aiohttp.ClientTimeout(total=None, connect=10)
+        # a SYN into a link that is still down is retried by the kernel at 1 s and 3 s;
+        # past that a fresh attempt finds a returning link sooner
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=3)
         delays = backoff_delays()
         waited_since = loop.time()
         announced = tls_warned = False
@@ -187,7 +195,7 @@ class Worker:
                             if not exc.retry:
                                 log.error("refused by the trainer: %s", exc.reason)
                                 return EXIT_REFUSED
-                            log.warning("the trainer is busy (%s); retrying", exc.reason)
+                            log.warning("refused for now (%s); retrying", exc.reason)
                         except ProtocolError as exc:
                             log.error("the trainer broke the protocol: %s", exc)
                             return EXIT_REFUSED
@@ -197,12 +205,23 @@ class Worker:
                             self._close_envs()
                         waited_since = loop.time()
                 except aiohttp.WSServerHandshakeError as exc:
-                    if exc.status in (401, 403) and not self.token:
+                    if exc.status == 403:  # not about a token: e.g. a proxied connection to a trainer without one
+                        log.error("the trainer at %s refused this worker (403 %s): the trainer's log says why%s",
+                                  self.url, exc.message, "" if self.token else
+                                  f" (a trainer reached through a proxy needs a token: set {TOKEN_ENV} or --token)")
+                        return EXIT_UNAUTHORIZED
+                    if exc.status == 404:  # retrying cannot fix a wrong path
+                        log.error("no WebSocket endpoint at %s (404 %s): the trainer's path is /ws, and behind "
+                                  "a reverse proxy the URL must include the proxy's path prefix (e.g. "
+                                  "wss://trainer.example/PREFIX/ws); use the URL the trainer prints. Not retrying",
+                                  self.url, exc.message)
+                        return EXIT_NOT_FOUND
+                    if exc.status == 401 and not self.token:
                         log.error("the trainer requires a token and this worker has none (%s %s): "
                                   "set %s (or --token) to the token the trainer printed",
                                   exc.status, exc.message, TOKEN_ENV)
                         return EXIT_UNAUTHORIZED
-                    if exc.status in (401, 403):
+                    if exc.status == 401:
                         log.error("the trainer rejected this worker's token (%s %s): check --token or %s",
                                   exc.status, exc.message, TOKEN_ENV)
                         return EXIT_UNAUTHORIZED
@@ -235,21 +254,27 @@ class Worker:
                         log.warning("%s hung up at once: if the trainer serves TLS, its URL starts "
                                     "with wss://; retrying", self.url)
                         tls_warned = True
-                if self._delays_reset:  # a session was served: start backing off afresh
-                    delays, self._delays_reset = backoff_delays(), False
+                if self._delays_reset:  # a session was served: start backing off afresh, and
+                    # back off less far: the link of a PC that served is likely to return soon
+                    delays, self._delays_reset = backoff_delays(cap=RETURN_BACKOFF_CAP), False
                 if self.retry_timeout is not None and loop.time() - waited_since > self.retry_timeout:
                     log.error("no trainer at %s after %.0f s; giving up", self.url, self.retry_timeout)
                     return EXIT_GAVE_UP
                 await asyncio.sleep(next(delays))
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        await ws.send_bytes(codec.encode(P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name)))
+        await ws.send_bytes(codec.encode(
+            P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name, self.worker_id)))
         msg = await receive_message(ws, 60, "during the handshake")
         if msg.kind == P.REFUSE:
             raise HandshakeError(P.parse_reason(msg.body), retry=P.parse_retry(msg.body))
         if msg.kind != P.WELCOME:
             raise ProtocolError(f"expected welcome, got {msg.kind!r}")
         welcome = P.parse_welcome(codec.writable(msg.body))
+        if welcome.worker_id is not None:
+            self.worker_id = welcome.worker_id
+        if welcome.heartbeat:  # a reply into a dead link ends the connection (see ws_gym.liveness)
+            give_up_unacked(ws.get_extra_info("socket"), welcome.heartbeat)
         # The trainer now waits for our ready: nothing of its is on the way, so the
         # connection can leave aiohttp's message API without a byte left behind.
         link = _WireLink.take_over(ws, self) or _AiohttpLink(ws, self)
@@ -286,27 +311,30 @@ class Worker:
         if not welcome.heartbeat:
             await link.serve()
             return
-        # The trainer pings a worker it has not heard from for `heartbeat` s; hearing
-        # nothing for 3 heartbeats means it is gone (a pulled cable, a sleeping PC).
-        limit = 3 * welcome.heartbeat
+        # A live trainer sends something at least every half heartbeat (requests or
+        # pings): hearing nothing for longer means it or the link is gone.
+        live = WorkerLiveness(welcome.heartbeat)
         serve = asyncio.ensure_future(link.serve())
-        silent = asyncio.ensure_future(self._watch_trainer(serve, limit))
+        silent = asyncio.ensure_future(self._watch_trainer(serve, live))
         try:
             await serve
         except asyncio.CancelledError:
             if silent.done() and not silent.cancelled() and silent.result():
-                raise ConnectionResetError(f"the trainer sent nothing for {limit:g} s") from None
+                link.abort()  # nothing gets through: no close frame, no wait for one
+                raise ConnectionResetError(
+                    f"the trainer sent nothing for {live.silence_limit:g} s (heartbeat)") from None
             raise
         finally:
             silent.cancel()
             serve.cancel()
 
-    async def _watch_trainer(self, serve: asyncio.Future, limit: float) -> bool:
-        """Cancel ``serve`` when nothing came from the trainer for ``limit`` seconds."""
+    async def _watch_trainer(self, serve: asyncio.Future, live: WorkerLiveness) -> bool:
+        """Cancel ``serve`` when the trainer has been silent too long."""
         loop = asyncio.get_running_loop()
+        interval = check_interval(live.heartbeat)
         while not serve.done():
-            await asyncio.sleep(min(limit / 3, 5.0))
-            if loop.time() - self._last_rx > limit:
+            await asyncio.sleep(interval)
+            if live.dead(loop.time(), self._last_rx):
                 serve.cancel()
                 return True
         return False
@@ -387,6 +415,11 @@ class _AiohttpLink:
 
     async def serve(self) -> None:
         await self.worker._serve(self.ws)
+
+    def abort(self) -> None:
+        transport = getattr(getattr(self.ws, "_conn", None), "transport", None)  # as _WireLink.take_over
+        if transport is not None:
+            transport.abort()
 
     def end(self) -> None:
         pass  # aiohttp closes its own connection
@@ -483,9 +516,13 @@ class _WireLink:
         await asyncio.wait([self.wire.done])
         self._outcome()
 
+    def abort(self) -> None:
+        """Drop the connection at once (the link is dead: a close frame would not arrive)."""
+        self.wire.abort()
+
     def end(self) -> None:
         """Close the connection and hand it back to aiohttp, closed, for its cleanup."""
-        if not self.wire.done.done():
+        if not self.wire.done.done() and not self.transport.is_closing():
             self.wire.close(1000)
         hand_back(self.transport, self._aiohttp)
 
@@ -510,8 +547,17 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="ws_gym-parent-watch", daemon=True).start()
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Bad arguments exit with code 1, as the README says: argparse's own 2 is
+    the worker's "refused by the trainer" (``--help`` still exits 0)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="python -m ws_gym.worker",
         description=(
             "Host Gymnasium envs for a remote ws_gym trainer. The worker dials out to the "
