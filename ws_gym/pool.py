@@ -446,7 +446,9 @@ class WorkerPool:
         except (asyncio.TimeoutError, TimeoutError):
             log.warning("worker at %s did not finish its handshake in time", peer)
         except (ProtocolError, HandshakeError) as exc:
-            log.warning("worker at %s refused: %s", peer, exc)
+            # a refusal the worker will retry (busy; a returning worker not needed now) is routine
+            log.log(logging.INFO if getattr(exc, "retry", False) else logging.WARNING,
+                    "worker at %s refused: %s", peer, exc)
             await self._refuse(ws, str(exc), getattr(exc, "retry", False))
         except (ConnectionError, aiohttp.ClientError) as exc:
             log.debug("connection from %s ended: %r", peer, exc)

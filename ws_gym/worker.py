@@ -169,6 +169,7 @@ class Worker:
         delays = backoff_delays()
         waited_since = loop.time()
         announced = tls_warned = False
+        last_refusal = None
         if self.insecure:
             log.warning(
                 "--insecure: the trainer's TLS certificate is NOT verified. Anyone on the network "
@@ -195,7 +196,10 @@ class Worker:
                             if not exc.retry:
                                 log.error("refused by the trainer: %s", exc.reason)
                                 return EXIT_REFUSED
-                            log.warning("refused for now (%s); retrying", exc.reason)
+                            # once per reason, not at every attempt
+                            log.log(logging.DEBUG if exc.reason == last_refusal else logging.WARNING,
+                                    "refused for now (%s); retrying", exc.reason)
+                            last_refusal = exc.reason
                         except ProtocolError as exc:
                             log.error("the trainer broke the protocol: %s", exc)
                             return EXIT_REFUSED
