@@ -6,6 +6,7 @@ import ssl
 from typing import Any
 
 import gymnasium as gym
+from gymnasium.error import ClosedEnvironmentError
 from gymnasium.vector import AutoresetMode
 
 from . import protocol as P
@@ -95,6 +96,7 @@ class RemoteEnv(gym.Env):
 
     def _get(self, name: str) -> Any:
         if not self._loaded:
+            self._check_open()
             self._load()
         return getattr(self, name)
 
@@ -108,11 +110,18 @@ class RemoteEnv(gym.Env):
     def render_mode(self) -> str | None:  # type: ignore[override]
         return self._render_mode
 
+    def _check_open(self) -> None:
+        """Every call on a closed env raises at once (not after ``connect_timeout``)."""
+        if self._closed:
+            raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
+
     def _worker(self):
+        self._check_open()
         self._trainer.wait_workers()
         return self._trainer.pool.serving()[0]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        self._check_open()
         super().reset(seed=seed)
         trainer = self._trainer
         worker = self._worker()
@@ -132,6 +141,8 @@ class RemoteEnv(gym.Env):
         return own(reply["o"]), own(reply["info"])
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
+        if self._closed:
+            self._check_open()
         trainer = self._trainer
         if trainer.wait_mode:  # a lost worker ends the episode as truncated; reset() waits for a new one
             worker = trainer.pool.layout()[0][2]

@@ -18,6 +18,7 @@ does not import this module.
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,9 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, VectorEnv
+from gymnasium.vector.utils import concatenate, create_empty_array
 
 try:
     from stable_baselines3.common.env_util import is_wrapped
@@ -37,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
     ) from exc
 
 from .errors import RemoteEnvError
-from .vector import RemoteVectorEnv
+from .vector import RemoteVectorEnv, batch_shape
 
 __all__ = ["SB3VecEnv", "make_vec_env"]
 
@@ -80,6 +83,9 @@ class SB3VecEnv(VecEnv):
         super().__init__(vector_env.num_envs, vector_env.single_observation_space, vector_env.single_action_space)
         self._starting = False
         self.metadata = dict(vector_env.metadata)  # as DummyVecEnv: the envs' metadata
+        # Dict and Tuple actions may come as a list of per-env actions, as DummyVecEnv takes them
+        act = self.action_space
+        self._structured = act if isinstance(act, (spaces.Dict, spaces.Tuple)) else None
 
     # -- stepping ------------------------------------------------------------
 
@@ -101,7 +107,18 @@ class SB3VecEnv(VecEnv):
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
-        """Send the actions now where the VectorEnv steps asynchronously (remote, async)."""
+        """Send the actions now where the VectorEnv steps asynchronously (remote, async).
+
+        Dict or Tuple actions may also be a list (or tuple) of one action per env,
+        as DummyVecEnv takes them: they are batched here as gymnasium batches them.
+        """
+        if self._structured is not None and isinstance(actions, (list, tuple)):
+            actions = self._batch(actions)
+        elif type(actions) is np.ndarray and actions.shape[:1] != (self.num_envs,):
+            raise (TypeError if actions.ndim == 0 else ValueError)(
+                f"expected a batch of {self.num_envs} actions ({batch_shape(self.action_space, self.num_envs)}), "
+                f"got an array of shape {actions.shape}"
+            )
         if isinstance(self.venv, _ASYNC):
             self.venv.step_async(actions)
             self._actions = _SENT
@@ -126,6 +143,29 @@ class SB3VecEnv(VecEnv):
                 info["terminal_observation"] = final_obs
             out.append(info)
         return obs, np.asarray(rewards, dtype=np.float32), dones, out
+
+    def _batch(self, actions: list | tuple) -> Any:
+        """A list of per-env Dict/Tuple actions as gymnasium's batch of them; anything
+        else (a Tuple space's batch is a tuple too) goes on as it is."""
+        space, n = self._structured, self.num_envs
+        if not actions or not all(_single_like(space, a) for a in actions):
+            return actions
+        if len(actions) != n:
+            raise ValueError(
+                f"expected {n} actions, one per env (or {batch_shape(space, n)}), got {len(actions)}"
+            )
+        return concatenate(space, actions, create_empty_array(space, n))
+
+    def _indices(self, indices: VecEnvIndices) -> list[int]:
+        """``indices`` as env numbers; a negative one counts from the end, as in a list."""
+        n = self.num_envs
+        out = []
+        for i in self._get_indices(indices):
+            j = operator.index(i)
+            if not -n <= j < n:
+                raise IndexError(f"env index {i} is out of range for {n} envs")
+            out.append(j % n)
+        return out
 
     def _remote(self) -> RemoteVectorEnv | None:
         """The RemoteVectorEnv under any vector wrappers, if that is what this adapts."""
@@ -175,7 +215,7 @@ class SB3VecEnv(VecEnv):
         """``env.get_wrapper_attr(attr_name)`` of the chosen envs, in ``indices`` order."""
         if self._starting and attr_name == "render_mode":
             return [self.venv.render_mode] * self.num_envs
-        indices = list(self._get_indices(indices))
+        indices = self._indices(indices)
         remote = self._remote()
         with _attribute_errors():
             if remote is not None and not self._all(indices):
@@ -185,7 +225,7 @@ class SB3VecEnv(VecEnv):
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         """Set ``attr_name`` to ``value`` on the chosen envs (``env.set_wrapper_attr``)."""
-        indices = list(self._get_indices(indices))
+        indices = self._indices(indices)
         if self._all(indices):
             self.venv.set_attr(attr_name, [value] * self.num_envs)
             return
@@ -198,7 +238,7 @@ class SB3VecEnv(VecEnv):
 
     def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
         """Call ``method_name`` on the chosen envs; their results in ``indices`` order."""
-        indices = list(self._get_indices(indices))
+        indices = self._indices(indices)
         remote = self._remote()
         with _attribute_errors():
             if self._all(indices):
@@ -216,7 +256,7 @@ class SB3VecEnv(VecEnv):
         which names the wrapper chain (``<TimeLimit<OrderEnforcing<...>>>``), and
         a wrapper matches by class name.
         """
-        indices = list(self._get_indices(indices))
+        indices = self._indices(indices)
         envs = getattr(self.venv.unwrapped, "envs", None)
         if envs is not None:  # in this process: check the objects, as DummyVecEnv does
             return [is_wrapped(envs[i], wrapper_class) for i in indices]
@@ -290,6 +330,23 @@ def _unbatch(infos: dict[str, Any], n: int) -> list[dict[str, Any]]:
             for i in chosen:
                 out[i][key] = values[i].item() if scalar else values[i]
     return out
+
+
+def _single_like(space: gym.Space, value: Any) -> bool:
+    """Whether ``value`` is shaped as one element of ``space`` (not a batch of them);
+    bounds are not checked, as DummyVecEnv passes an action on unchecked."""
+    if isinstance(space, spaces.Dict):
+        return isinstance(value, dict) and all(k in value and _single_like(sub, value[k])
+                                               for k, sub in space.spaces.items())
+    if isinstance(space, spaces.Tuple):
+        return (isinstance(value, (tuple, list)) and len(value) == len(space.spaces)
+                and all(_single_like(sub, v) for sub, v in zip(space.spaces, value)))
+    if isinstance(space, spaces.Text):
+        return isinstance(value, str)
+    try:
+        return np.shape(value) == space.shape
+    except ValueError:  # ragged
+        return False
 
 
 def _group_options(options: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, np.ndarray]]:

@@ -8,6 +8,7 @@ sends, so results equal those of one ``SyncVectorEnv`` over all envs.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import ssl
 import time
@@ -17,7 +18,8 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from gymnasium.error import AlreadyPendingCallError, NoAsyncCallError
+from gymnasium.envs.registration import EnvSpec, WrapperSpec
+from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
@@ -35,9 +37,42 @@ _ARRAY_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.Multi
 _warned_types: set[str] = set()
 
 
+def _literal_call(node: ast.expr, name: str) -> dict[str, Any]:
+    """The keyword arguments of ``name(k=literal, ...)`` parsed from a repr; nothing is evaluated."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+            and not node.args and all(k.arg is not None for k in node.keywords)):
+        raise ValueError(f"not a {name}(...) repr")
+    return {k.arg: k.value for k in node.keywords}
+
+
+def env_spec_from_repr(text: str) -> EnvSpec | None:
+    """The ``EnvSpec`` whose (dataclass) repr a worker sent for ``spec``, or None
+    when it does not parse back: a field that is not a literal (a callable
+    entry point, a numpy value in ``kwargs``) or a repr cut at 1000 characters."""
+    try:
+        fields = _literal_call(ast.parse(text, mode="eval").body, "EnvSpec")
+        wrappers = fields.pop("additional_wrappers", None)
+        for derived in ("namespace", "name", "version"):  # recomputed from the id
+            fields.pop(derived, None)
+        spec = EnvSpec(**{k: ast.literal_eval(v) for k, v in fields.items()})
+        if wrappers is not None:
+            if not isinstance(wrappers, ast.Tuple):
+                return None
+            spec.additional_wrappers = tuple(
+                WrapperSpec(**{k: ast.literal_eval(v) for k, v in _literal_call(w, "WrapperSpec").items()})
+                for w in wrappers.elts
+            )
+        return spec
+    except Exception:  # e.g. gymnasium.error.Error for an id it cannot parse
+        return None
+
+
 def _plain(value: Any) -> Any:
-    """A received repr (``Unencodable``) becomes a plain str, with one warning per type."""
+    """A received repr (``Unencodable``) becomes a plain str, with one warning per type;
+    an ``EnvSpec``'s repr becomes the ``EnvSpec`` again where it parses back."""
     if type(value) is Unencodable:
+        if value.type_name == "EnvSpec" and (spec := env_spec_from_repr(value)) is not None:
+            return spec
         if value.type_name not in _warned_types:
             _warned_types.add(value.type_name)
             warnings.warn(
@@ -106,6 +141,39 @@ def check_batch(space: gym.Space, value: Any, count: int, what: str) -> None:
             check_batch(sub, value[j], count, f"{what}[{j}]")
     elif type(value) is not tuple or len(value) != count or not all(type(x) is str for x in value):
         raise ProtocolError(f"{what}: expected a tuple of {count} strings")
+
+
+def batch_shape(space: gym.Space, n: int) -> str:
+    """What a batch of ``n`` actions of ``space`` looks like, for error messages."""
+    if isinstance(space, _ARRAY_SPACES):
+        return f"an array of shape {(n, *space.shape)}"
+    if isinstance(space, spaces.Dict):
+        return "a dict {" + ", ".join(f"{k!r}: {batch_shape(sub, n)}" for k, sub in space.spaces.items()) + "}"
+    if isinstance(space, spaces.Tuple):
+        return "a tuple (" + ", ".join(batch_shape(sub, n) for sub in space.spaces) + ")"
+    return f"a sequence of {n} values"
+
+
+def check_actions(space: gym.Space, batch: Any, n: int, what: str = "actions") -> None:
+    """Raise as ``SyncVectorEnv.step`` would (gymnasium's ``iterate``) where ``batch``
+    cannot be ``n`` actions of ``space``: TypeError for what cannot be iterated or
+    indexed, KeyError/IndexError for a missing part, ValueError for a wrong count."""
+    expected = f"expected a batch of {n} actions ({batch_shape(space, n)})"
+    if isinstance(space, (spaces.Dict, spaces.Tuple)):
+        subs = space.spaces.items() if isinstance(space, spaces.Dict) else enumerate(space.spaces)
+        for k, sub in subs:
+            try:  # indexed as gymnasium's iterate does: the same error for what has no [k]
+                part = batch[k]
+            except (TypeError, KeyError, IndexError) as exc:
+                raise type(exc)(f"{what}: {expected}, got {type(batch).__name__} without [{k!r}]") from None
+            check_actions(sub, part, n, f"{what}[{k!r}]")
+    else:
+        try:
+            count = len(batch)
+        except TypeError:  # a scalar, a 0-d array, None
+            raise TypeError(f"{what}: {expected}, got {type(batch).__name__} {batch!r:.80}") from None
+        if count != n:
+            raise ValueError(f"{what}: {expected}, got {count}")
 
 
 def check_reply(reply: Any, count: int, space: gym.Space, origin: str, *, step: bool) -> None:
@@ -219,6 +287,7 @@ class RemoteVectorEnv(VectorEnv):
 
     def _space(self, which: str) -> gym.Space:
         if self._single_obs is None:
+            self._check_open()
             self._load_spaces()
         return getattr(self, which)
 
@@ -230,6 +299,12 @@ class RemoteVectorEnv(VectorEnv):
     @property
     def render_mode(self) -> str | None:  # type: ignore[override]
         return self._render_mode
+
+    @property
+    def np_random_seed(self) -> tuple[int, ...]:  # type: ignore[override]
+        """The envs' ``np_random_seed``, one per env, as ``SyncVectorEnv``'s: ``(42, 43, ...)``
+        after ``reset(seed=42)``; each env's own random seed where it was never seeded."""
+        return self.get_attr("np_random_seed")
 
     # -- the VectorEnv API ---------------------------------------------------
 
@@ -395,10 +470,13 @@ class RemoteVectorEnv(VectorEnv):
         array_actions = isinstance(self._single_act, _ARRAY_SPACES)
         if array_actions:
             actions = np.asarray(actions)
-            if actions.shape[:1] != (self.num_envs,):
-                raise ValueError(
-                    f"expected a batch of {self.num_envs} actions, got an array of shape {actions.shape}"
+            if actions.shape[:1] != (self.num_envs,):  # as SyncVectorEnv: TypeError for a scalar
+                raise (TypeError if actions.ndim == 0 else ValueError)(
+                    f"expected a batch of {self.num_envs} actions "
+                    f"({batch_shape(self._single_act, self.num_envs)}), got an array of shape {actions.shape}"
                 )
+        elif self._single_act is not None:
+            check_actions(self._single_act, actions, self.num_envs)
         if trainer.wait_mode:
             self._pending = self._step_around_holes(actions)
             return
@@ -456,6 +534,7 @@ class RemoteVectorEnv(VectorEnv):
         """The results of the last :meth:`step_async`; waits at most ``timeout``
         seconds (default: the env's ``step_timeout``)."""
         if self._pending is None:
+            self._check_open()
             raise NoAsyncCallError("calling `step_wait` without any prior call to `step_async`.", "step")
         call, workers, plan, batch = self._pending
         self._pending = None
@@ -575,6 +654,7 @@ class RemoteVectorEnv(VectorEnv):
 
     def set_attr_at(self, indices: Sequence[int], name: str, values: Sequence[Any]) -> None:
         """Set ``name`` on the envs ``indices`` only, one value each."""
+        self._check_idle()
         if len(values) != len(indices):
             raise ValueError(f"expected {len(indices)} values, got {len(values)}")
         value_of = dict(zip(indices, values))
@@ -584,6 +664,7 @@ class RemoteVectorEnv(VectorEnv):
 
     def _group(self, indices: Sequence[int]) -> list[tuple[Any, list[int]]]:
         """``indices`` grouped by the worker that hosts them (each index once)."""
+        self._check_idle()
         wanted = sorted({int(i) for i in indices})
         if wanted and not 0 <= wanted[0] <= wanted[-1] < self.num_envs:
             raise IndexError(f"env indices must be in 0..{self.num_envs - 1}, got {list(indices)}")
@@ -605,6 +686,7 @@ class RemoteVectorEnv(VectorEnv):
 
     def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
         """Set ``name`` on every env: one value for all, or one value per env."""
+        self._check_idle()
         if not isinstance(values, (list, tuple)):
             values = [values for _ in range(self.num_envs)]
         if len(values) != self.num_envs:
@@ -623,8 +705,9 @@ class RemoteVectorEnv(VectorEnv):
         self._trainer.close()
 
     def _check_open(self) -> None:
+        """Every call on a closed env raises at once, as in gymnasium's AsyncVectorEnv."""
         if self.closed:
-            raise RuntimeError("this RemoteVectorEnv is closed")
+            raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
 
     def _check_idle(self) -> None:
         """No call may start while a ``step_async`` awaits its ``step_wait``."""
