@@ -115,6 +115,33 @@ def test_close_payload():
     assert F.parse_close(F.close_payload(1009, "too big")) == (1009, "too big")
     assert F.parse_close(b"") == (1005, "")
     assert len(F.close_payload(1000, "x" * 500)) == 125  # a control frame's limit
+    # cut between characters, never inside one (a 2-byte character straddles byte 123)
+    cut = F.close_payload(1000, "xx" + "\u00e9" * 100)
+    assert len(cut) == 2 + 122 and F.parse_close(cut) == (1000, "xx" + "\u00e9" * 60)
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535])
+def test_a_close_code_no_frame_may_carry_is_a_protocol_error(code):
+    assert not F.valid_close_code(code)
+    with pytest.raises(F.FrameError) as info:
+        F.parse_close(code.to_bytes(2, "big") + b"bye")
+    assert info.value.code == F.CLOSE_PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+                                  3000, 4000, 4999])
+def test_close_codes_a_frame_may_carry(code):
+    assert F.valid_close_code(code)
+    assert F.parse_close(F.close_payload(code, "r")) == (code, "r")
+
+
+def test_a_one_byte_close_payload_and_a_reason_not_utf8_are_errors():
+    with pytest.raises(F.FrameError) as info:
+        F.parse_close(b"\x03")
+    assert info.value.code == F.CLOSE_PROTOCOL_ERROR
+    with pytest.raises(F.FrameError) as info:
+        F.parse_close(b"\x03\xe8\xc3(")  # 1000, then an invalid UTF-8 sequence
+    assert info.value.code == F.CLOSE_INVALID_DATA
 
 
 def raw_frame(b0: int, payload: bytes, mask_key: bytes | None, length: int | None = None) -> bytes:

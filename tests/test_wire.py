@@ -134,6 +134,40 @@ def test_a_closed_connection_refuses_writes_and_the_peer_sees_the_end():
         peer.close()
 
 
+@pytest.mark.parametrize("payload, code", [
+    ((1005).to_bytes(2, "big"), F.CLOSE_PROTOCOL_ERROR),  # a code for local use only: not echoed
+    (b"\x03", F.CLOSE_PROTOCOL_ERROR),  # one byte
+    ((1000).to_bytes(2, "big") + b"\xff", F.CLOSE_INVALID_DATA),  # a reason that is not UTF-8
+    ((4001).to_bytes(2, "big") + b"ok", 4001),  # a valid code is echoed
+])
+def test_a_peers_close_frame_is_checked_before_it_is_answered(payload, code):
+    loop = loops.new_event_loop()
+    ours, peer = socket.socketpair()
+    try:
+        async def run():
+            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
+            conn, _ = FrameConnection.take_over(transport, client=False, max_size=1000,
+                                                on_message=lambda data: None, loop=loop)
+            peer.sendall(b"".join(F.frame(F.OP_CLOSE, payload, masked=True)))
+            await asyncio.wait_for(asyncio.wait([conn.done]), 5)
+            return conn
+
+        conn = loop.run_until_complete(run())
+        peer.settimeout(5)
+        data = b""
+        while chunk := peer.recv(4096):
+            data += chunk
+        (op, answer), = F.FrameParser(max_size=1000, masked=False).feed(data)
+        assert op == F.OP_CLOSE and F.parse_close(answer)[0] == code
+        if code == 4001:
+            assert conn.done.result() == (4001, "ok")
+        else:
+            assert isinstance(conn.done.exception(), F.FrameError)
+    finally:
+        loop.close()
+        peer.close()
+
+
 def test_big_messages_both_ways_through_workers():
     """Megabytes in a request and in the reply: writes the socket cannot take at
     once (direct writes overflow into the loop) and payloads spread over many

@@ -23,6 +23,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "FrameError", "FrameParser", "frame", "frame_pieces", "mask", "close_payload", "parse_close",
+    "valid_close_code",
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
 ]
 
@@ -33,6 +34,7 @@ _CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
 
 _U16 = struct.Struct("!H")
@@ -116,16 +118,38 @@ def _header(opcode: int, n: int, masked: bool) -> bytes:
     return _HEAD64.pack(b0, mbit | 127, n)
 
 
+def valid_close_code(code: int) -> bool:
+    """Whether a close frame may carry ``code`` (RFC 6455 7.4; 1004-1006 and 1015
+    are for local use only; 1012-1014 are registered since)."""
+    return 1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999
+
+
 def close_payload(code: int, reason: str = "") -> bytes:
-    return _U16.pack(code) + reason.encode("utf-8")[:123]
+    """A close frame's payload: the code and as much of ``reason`` as fits a
+    control frame (125 bytes), cut between UTF-8 characters."""
+    data = reason.encode("utf-8")
+    if len(data) > 123:
+        data = data[:123].decode("utf-8", "ignore").encode("utf-8")
+    return _U16.pack(code) + data
 
 
 def parse_close(payload: bytes | bytearray | memoryview) -> tuple[int, str]:
-    """(code, reason) of a close frame's payload; 1005 (no code) when empty."""
-    if len(payload) < 2:
+    """(code, reason) of a close frame's payload; 1005 (no code) when empty.
+
+    Raises :class:`FrameError` for a payload of one byte, a code no close frame
+    may carry (1002 to send back) and a reason that is not UTF-8 (1007)."""
+    if len(payload) == 0:
         return 1005, ""
+    if len(payload) == 1:
+        raise FrameError(CLOSE_PROTOCOL_ERROR, "a close frame with a 1-byte payload")
     (code,) = _U16.unpack_from(payload, 0)
-    return code, bytes(payload[2:]).decode("utf-8", "replace")
+    if not valid_close_code(code):
+        raise FrameError(CLOSE_PROTOCOL_ERROR, f"close code {code} may not be sent")
+    try:
+        reason = bytes(payload[2:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(CLOSE_INVALID_DATA, "a close reason that is not UTF-8") from None
+    return code, reason
 
 
 class FrameParser:

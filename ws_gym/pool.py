@@ -455,17 +455,19 @@ class WorkerPool:
         finally:
             if pending:  # ws.prepare failed
                 self._pending_handshakes -= 1
+            taken_over = conn is not None and conn.wire is not None
             if conn is not None:
                 self._drop(conn)
-                if conn.wire is not None:  # aiohttp cleans up as after any disconnect
-                    hand_back(conn.transport, conn.aiohttp_protocol)
-                    return ws
-            too_big = ws.exception()
-            if isinstance(too_big, aiohttp.WebSocketError) and too_big.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
-                log.warning("closed the connection from %s: a message exceeded max_msg_size (%d bytes)",
-                            peer, self.max_msg_size)
-            if ws.prepared and not ws.closed:
-                await ws.close()
+            if taken_over:  # aiohttp cleans up as after any disconnect
+                hand_back(conn.transport, conn.aiohttp_protocol)
+            else:  # still on aiohttp's message API (no return here: it would swallow exceptions)
+                too_big = ws.exception()
+                if (isinstance(too_big, aiohttp.WebSocketError)
+                        and too_big.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG):
+                    log.warning("closed the connection from %s: a message exceeded max_msg_size (%d bytes)",
+                                peer, self.max_msg_size)
+                if ws.prepared and not ws.closed:
+                    await ws.close()
         return ws
 
     def _log_busy(self, peer: str | None) -> None:

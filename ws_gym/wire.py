@@ -131,7 +131,11 @@ class FrameConnection(asyncio.Protocol):
             if not self.close_sent:
                 self._send(F.OP_PONG, payload)
         elif op == F.OP_CLOSE:
-            code, reason = F.parse_close(payload)
+            try:
+                code, reason = F.parse_close(payload)
+            except F.FrameError as exc:  # answered with the error's own code, not echoed
+                self._fail(exc, exc.code, exc.reason)
+                return False
             if not self.close_sent:
                 self._send(F.OP_CLOSE, F.close_payload(code if code != 1005 else F.CLOSE_NORMAL))
                 self.close_sent = True
