@@ -42,7 +42,7 @@ env (compact frames, ``ws_gym/compact.py``; printed). Event loops are the ones w
 Columns: wall-clock microseconds per round trip (median over repetitions),
 and this process's CPU microseconds per round trip (``time.process_time``:
 all its threads, so the loop thread too). The ratio ws_gym / aiohttp with
-hand-off is the trainer-side overhead (issue target: <= 1.3).
+hand-off is the trainer-side overhead (target: <= 1.3).
 
     python benchmarks/overhead.py            # 9 rounds of 2000 round trips per case, < 1 min
     python benchmarks/overhead.py --quick    # smoke test, < 20 s

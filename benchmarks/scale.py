@@ -20,7 +20,7 @@ batched ``step()`` calls. It reports:
   kept forever shows up as growth.
 
 Cases: a sweep of 2, 4, 8, 16, 32 workers x 4 ``ws_gym/NoOp-v0`` envs (the
-cheapest env, so the trainer's own cost is what is measured), and the issue's
+cheapest env, so the trainer's own cost is what is measured), and the scale
 targets: 64 envs over 16 workers and 256 envs over 32 workers, for
 ``ws_gym/NoOp-v0`` and ``CartPole-v1``. Cases run interleaved, one round of
 all per repetition; the table shows medians.

@@ -249,8 +249,8 @@ def ratio_pairs(cases: list[Case]) -> list[tuple[str, Case, Case]]:
     return pairs
 
 
-# Issue 4's targets 1-3: (number, workload, baseline, bar). With a baseline the
-# bar is a ratio of medians (a line of ratio_pairs); without one, env-steps/s.
+# The speed targets: (number, workload, baseline, bar). With a baseline the bar
+# is a ratio of medians (a line of ratio_pairs); without one, env-steps/s.
 TARGETS = (
     (1, "CartPole-v1", "async", 3.0),
     (1, "CartPole-v1", "sync", 0.8),
@@ -280,7 +280,7 @@ def target_rows(cases: list[Case], ratios: dict[str, float]) -> list[dict[str, A
 
 def format_targets(rows: list[dict[str, Any]]) -> str:
     width = max(len(r["target"]) for r in rows)
-    lines = ["issue 4's targets in this run (bare pipes: the same envs and processes, no protocol):"]
+    lines = ["speed targets in this run (bare pipes: the same envs and processes, no protocol):"]
     for r in rows:
         if r["bare_pipes"] is None:
             lines.append(f"  {r['target']:<{width}}  >= {r['bar']:,.0f} env-steps/s: {r['value']:,.0f}"
