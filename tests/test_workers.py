@@ -413,7 +413,7 @@ def test_waiting_logs_progress_and_the_worker_command(caplog):
                 envs.reset()
         text = "\n".join(r.getMessage() for r in caplog.records)
         assert "0/3 envs connected" in text
-        assert f"python -m ws_gym.worker --url {envs.url} --env CartPole-v1" in text
+        assert f"python -m ws_gym.worker --url {envs.url} --env CartPole-v1 --num-envs 3" in text  # all missing
     finally:
         envs.close()
 

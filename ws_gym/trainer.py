@@ -287,7 +287,8 @@ class Trainer:
             if self.token_generated:
                 where = listening if public_url is None else f"{listening} (workers dial {public_url})"
                 _say(f"listening on {where} with a generated token (no token= was given); "
-                     f"on each PC run: {self.worker_command()}")
+                     f"on each PC run: {self.worker_command()} (K: the envs that PC hosts; "
+                     f"{self.num_envs} in all)")
             if counts:
                 self.local = LocalWorkers(self.pool.local_url, counts, token=token, unix_socket=self.pool.unix_path,
                                           cert_fingerprint=self._own_fingerprint(),
@@ -301,9 +302,10 @@ class Trainer:
         self._spaces: tuple | None = None
         _open.add(self)
 
-    def worker_command(self) -> str:
+    def worker_command(self, num_envs: int | None = None) -> str:
         """The command a user runs on a PC to serve envs to this trainer.
 
+        ``num_envs``: the envs still missing (``K``, to fill in, when not given).
         A token ws_gym generated is shown in full (it is printed nowhere else);
         one the user chose is shown as a placeholder, to keep it out of logs.
         """
@@ -314,7 +316,8 @@ class Trainer:
         secret = ""
         if self.token is not None:
             secret = f"{P.TOKEN_ENV}={self.token if self.token_generated else '<your token>'} "
-        return f"{secret}python -m ws_gym.worker --url {url}{env} --num-envs K"
+        count = "K" if num_envs is None else str(num_envs)
+        return f"{secret}python -m ws_gym.worker --url {url}{env} --num-envs {count}"
 
     def _own_fingerprint(self) -> str | None:
         """SHA-256 of our own TLS certificate, which local workers pin (None without TLS).
@@ -363,7 +366,7 @@ class Trainer:
             else:
                 _say(
                     f"waiting for workers: {have}/{self.num_envs} envs connected to {self.url}; "
-                    f"start workers with: {self.worker_command()}"
+                    f"start workers with: {self.worker_command(self.num_envs - have)}"
                 )
             self._waited = True
 
