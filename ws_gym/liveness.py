@@ -10,8 +10,10 @@ flight:
   operating system still acknowledges the ping's bytes. So an idle worker that
   stays silent for :meth:`TrainerLiveness.dead_after` is cut off here, and a
   busy one is cut off by the kernel (:func:`give_up_unacked`): bytes left
-  unacknowledged for one heartbeat end the connection. A long step is never
-  taken for a dead link, because a live PC acknowledges.
+  unacknowledged for :func:`unacked_limit` end the connection. A long step is
+  never taken for a dead link, because a live PC acknowledges. Both leave room
+  for the check's period and for the kernel, which ends a connection a few
+  hundred milliseconds after the limit it was given (its retransmission clock).
 - A worker hears from a live trainer at least every half heartbeat (requests
   or pings), so hearing nothing for one heartbeat means the trainer or the
   link is gone (:meth:`WorkerLiveness.dead`).
@@ -35,6 +37,13 @@ def check_interval(heartbeat: float) -> float:
     return min(heartbeat / 10, 0.5)
 
 
+def unacked_limit(heartbeat: float) -> float:
+    """How long sent bytes may stay unacknowledged before the kernel ends the
+    connection: with a ping every half heartbeat, a dead link ends a busy
+    connection within 1.25 heartbeats (plus the kernel's own lateness)."""
+    return 0.75 * heartbeat
+
+
 class TrainerLiveness:
     """The trainer's view of one worker connection (loop times, in seconds)."""
 
@@ -46,8 +55,9 @@ class TrainerLiveness:
 
     @property
     def dead_after(self) -> float:
-        """Silence (since the last frame received) that ends an idle connection."""
-        return 1.5 * self.heartbeat
+        """Silence (since the last frame received) that ends an idle connection:
+        a ping goes out after half a heartbeat, and has 0.75 of one to be answered."""
+        return 1.25 * self.heartbeat
 
     def ping_due(self, now: float, last_rx: float) -> bool:
         """Whether to send a ping now (and count it as sent)."""

@@ -41,7 +41,7 @@ from . import frames as F
 from .compact import REPLY as COMPACT_REPLY
 from .compact import StepLayout, layout_for
 from . import protocol as P
-from .liveness import TrainerLiveness, check_interval, give_up_unacked
+from .liveness import TrainerLiveness, check_interval, give_up_unacked, unacked_limit
 from .errors import (
     ConnectTimeoutError,
     HandshakeError,
@@ -605,7 +605,7 @@ class WorkerPool:
         if self._direct and conn.wire.enable_direct() and self.busy_poll:
             conn.wire.claim_reading()  # the worker sends nothing before our accept
         if self.heartbeat:  # a dead link ends a busy connection too (see ws_gym.liveness)
-            give_up_unacked(transport.get_extra_info("socket"), self.heartbeat)
+            give_up_unacked(transport.get_extra_info("socket"), unacked_limit(self.heartbeat))
         conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
         with self._cond:
             conn.active = True
@@ -697,7 +697,8 @@ class WorkerPool:
             log.debug("connection from %s ended: %r", conn.peer, exc)
             if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
                 # the kernel gave up on unacknowledged bytes (see ws_gym.liveness)
-                self._drop(conn, f"acknowledged nothing for {self.heartbeat:g} s: link dead (heartbeat)")
+                self._drop(conn, f"acknowledged nothing for {unacked_limit(self.heartbeat):g} s: "
+                                 "link dead (heartbeat)")
 
     def _on_control(self, conn: WorkerConn) -> None:
         conn.last_rx = self._loop.time()

@@ -32,7 +32,7 @@ from . import frames as F
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import VECTORIZATIONS, EnvHost, check_vectorization
-from .liveness import WorkerLiveness, check_interval, give_up_unacked
+from .liveness import WorkerLiveness, check_interval, give_up_unacked, unacked_limit
 from .wire import FrameConnection, hand_back
 from .wsio import receive_message
 
@@ -278,7 +278,7 @@ class Worker:
         if welcome.worker_id is not None:
             self.worker_id = welcome.worker_id
         if welcome.heartbeat:  # a reply into a dead link ends the connection (see ws_gym.liveness)
-            give_up_unacked(ws.get_extra_info("socket"), welcome.heartbeat)
+            give_up_unacked(ws.get_extra_info("socket"), unacked_limit(welcome.heartbeat))
         # The trainer now waits for our ready: nothing of its is on the way, so the
         # connection can leave aiohttp's message API without a byte left behind.
         link = _WireLink.take_over(ws, self) or _AiohttpLink(ws, self)
