@@ -6,8 +6,9 @@ sends FIN or RST, and a stopped one still ACKs. Here each side has its own
 network stack, as two machines would, and a cut drops frames in between, so
 neither TCP hears anything: a Wi-Fi that died, a pulled cable.
 
-Topology (the names carry the creating process's id, so concurrent runs and
-the leftovers of a killed run never clash)::
+Topology (the names carry the creating process's id, and a suffix for a second
+topology of one process, so concurrent runs and the leftovers of a killed run
+never clash)::
 
     T  trainer  eth0 10.213.0.1/24 --- vt -+
     A  worker   eth0 10.213.0.2/24 --- va -+- br0   (bridge in the hub namespace H,
@@ -145,8 +146,12 @@ class Topology:
         self.netem: dict[str, bool] = {}  # role -> impaired with tc netem
 
     @classmethod
-    def for_this_process(cls) -> "Topology":
-        return cls(f"wsg{os.getpid()}")
+    def for_this_process(cls, suffix: str = "") -> "Topology":
+        """``suffix`` "s" names a second topology of the same process (the soak's,
+        benchmarks/soak.py), so it never clashes with the link-cut tests' one."""
+        if suffix not in ("", "s"):
+            raise ValueError(f"suffix must be '' or 's', got {suffix!r}")
+        return cls(f"wsg{os.getpid()}{suffix}")
 
     def to_dict(self) -> dict:
         return {"prefix": self.prefix}
@@ -180,7 +185,7 @@ class Topology:
         removed = []
         for line in run(["ip", "netns", "list"]).splitlines():
             name = line.split()[0] if line.split() else ""
-            m = re.fullmatch(r"wsg(\d+)[thabpq]", name)
+            m = re.fullmatch(r"wsg(\d+)s?[thabpq]", name)
             if m and not _pid_alive(int(m.group(1))):
                 _kill_namespace_pids(name)
                 run(["ip", "netns", "del", name], check=False)

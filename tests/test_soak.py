@@ -5,6 +5,11 @@ The long run is ``python benchmarks/soak.py`` (same code, same checks, more
 steps); this one runs every kind of chaos at least once per autoreset mode.
 The schedule is seeded; the checks hold whatever the timing (see the script's
 docstring for what is checked).
+
+``test_soak_link_cuts`` runs the soak inside network namespaces (tests/netns.py)
+with a worker on a PC whose link is cut: silently (nftables) and by taking its
+interface down. It skips where namespaces cannot be made (not root, no ``ip`` or
+``nft``), and fails instead with CI=true, like tests/test_link_cuts.py.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests import netns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,3 +66,66 @@ def test_soak_kill_restart_stall_sleep(mode):
     assert f["outages"] >= 3 and f["takeovers"] >= 3 and f["reconnections"] >= 2, text
     assert f["env_steps"] > 0 and f["terminated"] > 0 and f["lost_env_steps"] > 0, text
     assert f["slow_steps"] >= 1, text  # a stall or a sleep ran into step_timeout
+
+
+HEARTBEAT = 1.0
+NOTICE_BOUND = 1.5 * HEARTBEAT + 1.0  # from the cut until the trainer has dropped A's connection
+
+
+@pytest.mark.timeout(180)
+def test_soak_link_cuts():
+    """Link cuts amid other chaos, in wait mode: the trainer notices each cut within
+    1.5 heartbeats + 1 s, truncates A's envs and steps on; A's worker never exits,
+    dials in again and serves again; the soak's own checks all hold."""
+    reason = netns.unavailable()
+    if reason:
+        netns.skip_or_fail(reason)
+    hb = HEARTBEAT
+    cfg = soak.Config(
+        seed=3,
+        autoreset="SameStep",
+        num_envs=8,
+        local_workers=1,
+        cli_workers=1,
+        cli_envs=(2, 3),  # A's and the CLI worker's: the local worker keeps envs, so none waits for room
+        pc_workers=1,
+        kinds=("kill-cli", "kill-local", "crash", "stall", "sleep", "reset", soak.LINK_CUT),
+        min_events={soak.LINK_CUT: 2},  # two cuts: one silent, one link-down (every two cuts have both)
+        steps=10**12,
+        duration=5.0,
+        extra_time=30.0,
+        gap=(20, 60),
+        step_timeout=1.0,
+        heartbeat=hb,
+        heartbeat_slack=1.0,  # the soak fails a cut noticed later than 1.5 heartbeats + 1 s too
+        recovery_timeout=15.0,
+        clean_steps=20,
+        close_timeout=15.0,
+    )
+    results, skipped = soak.run_with_link_cuts([cfg])
+    if skipped:
+        netns.skip_or_fail(skipped)
+    assert len(results) == 1, results
+    result = results[0]
+    text = soak.summary([result], cfg)
+    print(text)
+    assert result.ok, text
+    f = result.figures
+    cuts = f["link_cuts"]
+    assert f["events"][soak.LINK_CUT] >= 2 and len(cuts) >= 2, text
+    assert {c["kind"] for c in cuts} == {"silent", "link-down"}, text
+    for c in cuts:
+        assert c["probe"] and not netns.Topology.reached(c["probe"]), f"the cut did not cut: {c}\n{text}"
+        if c.get("ridden_out"):
+            continue
+        assert c["detect_s"] is not None and c["detect_s"] <= NOTICE_BOUND, f"{c}\n{text}"
+        assert c["redial_s"] is not None, f"A did not dial in again: {c}\n{text}"
+        assert c["back_s"] is not None or c.get("taken_over"), f"A's envs: {c}\n{text}"
+    assert sum(not c.get("ridden_out") for c in cuts) >= 1, text
+    # A's worker: served, never ended before close(), then ended with 0 (or 4 had it waited for envs)
+    pcs = f["pc_workers"]
+    assert pcs and all(p["served"] for p in pcs), text
+    assert not f["pc_unexpected_exits"], text
+    assert not any(p["exited_in_run"] for p in pcs), text
+    # wait mode carried on: A's envs were truncated with worker_lost, and nothing was lost
+    assert f["lost_env_steps"] > 0 and f["violations"] == 0 and f["slots_mismatched"] == 0, text
