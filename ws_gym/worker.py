@@ -222,7 +222,8 @@ class Worker:
                         return EXIT_NOT_FOUND
                     if exc.status == 401 and not self.token:
                         log.error("the trainer requires a token and this worker has none (%s %s): "
-                                  "set %s (or --token) to the token the trainer printed",
+                                  "set %s (or --token) to the trainer's token (envs.token on the "
+                                  "trainer; a generated one is also in its log)",
                                   exc.status, exc.message, TOKEN_ENV)
                         return EXIT_UNAUTHORIZED
                     if exc.status == 401:
