@@ -204,7 +204,8 @@ class SB3VecEnv(VecEnv):
     def get_images(self) -> Sequence[np.ndarray | None]:
         if self.render_mode != "rgb_array":
             warnings.warn(
-                f"The render mode is {self.render_mode}, but this method assumes it is `rgb_array` to obtain images."
+                f"The render mode is {self.render_mode}, but this method assumes it is `rgb_array` to obtain images.",
+                stacklevel=2,
             )
             return [None] * self.num_envs
         return list(self.venv.render())
@@ -236,7 +237,9 @@ class SB3VecEnv(VecEnv):
         for env in self._envs_at(indices, "set an attribute on"):
             env.set_wrapper_attr(attr_name, value)
 
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
         """Call ``method_name`` on the chosen envs; their results in ``indices`` order."""
         indices = self._indices(indices)
         remote = self._remote()

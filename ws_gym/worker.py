@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectorization", choices=VECTORIZATIONS, default="sync",
                    help="sync (default): step the envs one after another in this process; async: one "
                         "subprocess per env (gymnasium's AsyncVectorEnv), for CPU-heavy envs on a multi-core PC")
-    p.add_argument("--env-kwargs", default=None, help='JSON object of keyword arguments for gym.make, e.g. \'{"render_mode": "rgb_array"}\'')
+    p.add_argument("--env-kwargs", default=None,
+                   help='JSON object of keyword arguments for gym.make, e.g. \'{"render_mode": "rgb_array"}\'')
     p.add_argument("--token", default=None, help=f"shared secret the trainer expects (or set {TOKEN_ENV})")
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--cafile", default=None,
@@ -586,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--insecure", action="store_true",
                      help="wss:// only: do NOT verify the trainer's certificate (anyone on the path can pose as it)")
     tls.add_argument("--cert-fingerprint", default=None, metavar="SHA256",
-                     help="wss:// only: accept exactly the certificate with this SHA-256 (hex), no CA or host name check")
+                     help="wss:// only: accept exactly the certificate with this SHA-256 (hex), "
+                          "no CA or host name check")
     p.add_argument("--allow-import", action="store_true",
                    help="let the trainer name 'module:EnvId' ids, which import that module here")
     p.add_argument("--retry-timeout", type=float, default=None,
