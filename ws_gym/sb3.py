@@ -61,6 +61,14 @@ class SB3VecEnv(VecEnv):
 
     Results (observations, float32 rewards, dones, per-env infos, reset infos)
     equal those of ``DummyVecEnv`` over the same envs, seeds and actions.
+
+    Args:
+        vector_env: a gymnasium 1.x ``VectorEnv`` (ours, ``SyncVectorEnv``,
+            ``AsyncVectorEnv``) whose ``metadata["autoreset_mode"]`` is SAME_STEP.
+
+    Raises:
+        ValueError: the vector env is in another autoreset mode (the message
+            says how to make it in SAME_STEP mode).
     """
 
     def __init__(self, vector_env: VectorEnv) -> None:
@@ -293,9 +301,20 @@ class SB3VecEnv(VecEnv):
 def make_vec_env(env_id: str, n_envs: int = 1, seed: int | None = None, **remote_kwargs: Any) -> VecMonitor:
     """Like SB3's ``make_vec_env``, with the envs in ws_gym workers.
 
-    ``remote_kwargs`` go to :class:`~ws_gym.RemoteVectorEnv` (``local_workers``,
-    ``port``, ``token``, ``env_kwargs``, ...). The result is SAME_STEP mode and
-    wrapped in ``VecMonitor``, so SB3 logs episode returns and lengths.
+    Args:
+        env_id: the env the workers host (``gym.make`` id, or ``module:Id``).
+        n_envs: how many envs, split among the workers.
+        seed: applied at the first ``reset()``: env ``i`` gets ``seed + i``.
+        **remote_kwargs: keyword arguments of :class:`~ws_gym.RemoteVectorEnv`
+            (``local_workers``, ``host``, ``port``, ``token``, ``env_kwargs``, ...);
+            ``autoreset_mode`` defaults to SAME_STEP, which SB3 needs.
+
+    Returns:
+        ``VecMonitor(SB3VecEnv(...))``, so SB3 logs episode returns and lengths.
+
+    Raises:
+        ValueError, TypeError: bad keyword arguments (as ``RemoteVectorEnv``).
+        OSError: the port cannot be listened on.
     """
     remote_kwargs.setdefault("autoreset_mode", AutoresetMode.SAME_STEP)
     remote = RemoteVectorEnv(num_envs=n_envs, env_id=env_id, **remote_kwargs)
