@@ -11,7 +11,7 @@ from gymnasium.vector import AutoresetMode
 
 from . import protocol as P
 from .errors import ProtocolError, WorkerLostError
-from .pool import LOST
+from .calls import LOST
 from .trainer import Trainer
 from .vector import LOST_KEY, own
 

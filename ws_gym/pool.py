@@ -11,6 +11,9 @@ to the loop), and blocks on a plain ``threading.Lock`` that the loop releases
 when the last reply (or the first error) arrives. Replies are matched to requests
 by id as they are parsed, inside the transport's ``data_received``; a worker
 that disconnects fails its pending requests at once.
+
+Which worker serves which envs is :mod:`ws_gym.slots`; the call a caller
+waits on, and the lock rules between the two threads, :mod:`ws_gym.calls`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import hashlib
 import hmac
-import ipaddress
 import itertools
 import logging
 import os
@@ -30,19 +31,21 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 
 from . import codec, loops
+from .addresses import WS_PATH, format_url, loopback_for
+from .calls import FILLED, LOST, Call
 from . import frames as F
 from .compact import REPLY as COMPACT_REPLY
 from .compact import StepLayout, layout_for
 from . import protocol as P
 from .forwarded import forwarded_client
 from .liveness import TrainerLiveness, check_interval, give_up_unacked, unacked_limit
+from .slots import SlotTable
 from .errors import (
     ConnectTimeoutError,
     HandshakeError,
@@ -55,22 +58,6 @@ from .wire import FrameConnection, hand_back, wait_readable
 from .wsio import receive_message
 
 log = logging.getLogger("ws_gym")
-
-WS_PATH = "/ws"
-
-
-class _Lost:
-    """The reply of a worker lost during a call (``on_worker_lost="wait"``)."""
-
-    def __repr__(self) -> str:
-        return "LOST"
-
-
-LOST = _Lost()
-
-# The reply of a worker whose compact step reply went straight into a sink's
-# arrays (see submit): nothing is left of it but its (empty) info log.
-FILLED: Mapping[str, Any] = MappingProxyType({"f": ()})
 
 
 @dataclass(eq=False)
@@ -106,54 +93,6 @@ class WorkerConn:
         return f"worker {self.name} ({self.peer}, envs {self.start}..{self.stop - 1})"
 
 
-class _Call:
-    """One batched call across several workers; the caller blocks on ``lock``.
-
-    Replies may be handled on the loop thread and, with busy polling, on the
-    caller's thread too: the counting is done under one small lock.
-    """
-
-    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "sink")
-
-    def __init__(self, n: int) -> None:
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.results: list[Any] = [None] * n
-        self.remaining = n
-        self.error: BaseException | None = None
-        self.done = False
-        self.batch: list = []
-        self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
-        # sink(idx, body, compact): takes each ok body on the thread that read it (see submit)
-        self.sink: Callable[[int, Any, bool], None] | None = None
-
-    def answer(self, idx: int, value: Any) -> None:
-        """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
-        with _COUNT:
-            self.results[idx] = value
-            self.remaining -= 1
-            if self.remaining or self.done:
-                return
-            self.done = True
-        self.lock.release()
-
-    def finish(self) -> None:
-        with _COUNT:
-            if self.done:
-                return
-            self.done = True
-        self.lock.release()
-
-    def fail(self, exc: BaseException) -> None:
-        with _COUNT:
-            if self.error is None:
-                self.error = exc
-        self.finish()
-
-
-_COUNT = threading.Lock()  # guards _Call's counting; held for a few instructions only
-
-
 @dataclass
 class Expectation:
     """What the trainer expects of every worker (env id and spaces may be learnt)."""
@@ -165,48 +104,6 @@ class Expectation:
     max_episode_steps: int | None
     record_episode_statistics: bool = False
     ready: P.Ready | None = None  # spaces etc., from a local probe or the first worker
-
-
-def format_url(host: str, port: int, tls: bool = False) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"{'wss' if tls else 'ws'}://{shown}:{port}{WS_PATH}"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach a server bound to ``host``."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # "" (every interface) or a name: assume others can reach it
-
-
-def certificate_fingerprint(host: str, port: int, timeout: float = 10.0) -> str:
-    """SHA-256 (hex) of the certificate a TLS server on this machine presents.
-
-    The trainer asks its own port, on loopback, so that its local workers can
-    pin exactly that certificate (``--cert-fingerprint``): no CA or host name is
-    involved, which also covers a bare ``ssl_context`` whose files we never see.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # we only read the certificate, to pin it
-    with socket.create_connection((host, port), timeout=timeout) as raw:
-        with ctx.wrap_socket(raw) as tls:
-            der = tls.getpeercert(binary_form=True)
-    if not der:
-        raise ssl.SSLError(f"the server at {host}:{port} presented no certificate")
-    return hashlib.sha256(der).hexdigest()
-
-
-def loopback_for(host: str) -> str:
-    """The address a local worker should dial for a server bound to ``host``."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
 
 
 class WorkerPool:
@@ -250,18 +147,13 @@ class WorkerPool:
         self._pending_handshakes = 0  # connections upgraded but not yet admitted or refused
         self._busy_rejected = 0  # 503s not logged yet (logged at most once a second)
         self._busy_logged_at = float("-inf")
-        self._cond = threading.Condition()
-        self._slots: list[WorkerConn | None] = [None] * num_envs
-        self._conns: set[WorkerConn] = set()
+        self.table = SlotTable(num_envs)  # which worker serves which envs
         self._by_id: dict[str, WorkerConn] = {}  # worker_id -> its live connection (loop thread)
         self._served: dict[str, tuple[int, int]] = {}  # worker_id -> the envs it served last (loop thread)
-        self._events: list[str] = []  # recent refusals and losses, for error messages
         self._ids = itertools.count(1)
-        self._version = 0  # bumped whenever a slot or a worker's state changes
-        self._serving: tuple[int, list] = (-1, [])
         self._req_ids = itertools.count(1)
         self._call_lock = threading.Lock()
-        self._plock = threading.Lock()  # conn.alive and conn.pending, between caller and loop
+        self._plock = threading.Lock()  # conn.alive and conn.pending, between caller and loop (see calls.py)
         self._direct = not loops.switched_off("WS_GYM_DIRECT")  # caller-thread writes (see wire.py)
         self._compact = not loops.switched_off("WS_GYM_COMPACT")  # compact step frames (see compact.py)
         # seconds a waiting caller reads its replies itself before it sleeps (0: the loop reads)
@@ -315,11 +207,6 @@ class WorkerPool:
         if self.busy_poll:
             self._idle_poller = asyncio.ensure_future(self._poll_idle())
         return sock.getsockname()[1]
-
-    def _note(self, text: str) -> None:
-        with self._cond:
-            self._events.append(text)
-            del self._events[:-5]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         # Behind a proxy the socket's peer is the proxy: show the client it names.
@@ -402,7 +289,7 @@ class WorkerPool:
             self._busy_logged_at = now
 
     async def _refuse(self, ws: web.WebSocketResponse, reason: str, retry: bool = False) -> None:
-        self._note(reason)
+        self.table.note(reason)
         if not ws.closed:
             try:
                 await ws.send_bytes(codec.encode(P.REFUSE, 0, {"reason": reason, "retry": retry}))
@@ -415,7 +302,8 @@ class WorkerPool:
 
         ``prefer``: the envs a returning worker served before, taken again where
         they are free."""
-        with self._cond:
+        table = self.table
+        with table.cond:
             expect = self.expect
             if hello.env_id is not None and expect.env_id is not None and hello.env_id != expect.env_id:
                 raise HandshakeError(
@@ -426,9 +314,9 @@ class WorkerPool:
                 raise HandshakeError(
                     "no env id: pass env_id= to the trainer or --env to the worker"
                 )
-            start, run = self._free_run(prefer)
+            start, run = table.free_run(prefer)
             if run == 0:
-                if any(c is not None and not c.active for c in self._slots):
+                if table.starting():
                     # held by a worker still starting (or one that never finishes): may free up
                     raise HandshakeError("busy: the free envs are held by a worker still starting; "
                                          "retry later", retry=True)
@@ -444,22 +332,8 @@ class WorkerPool:
             conn.worker_id = hello.worker_id or secrets.token_hex(16)
             if self.heartbeat:
                 conn.live = TrainerLiveness(self.heartbeat)
-            for i in range(conn.start, conn.stop):
-                self._slots[i] = conn
-            self._version += 1
-            self._conns.add(conn)
+            table.take(conn)
             return conn
-
-    def _free_run(self, prefer: tuple[int, int] | None = None) -> tuple[int, int]:
-        if prefer is not None and all(self._slots[i] is None for i in range(*prefer)):
-            return prefer[0], prefer[1] - prefer[0]
-        start = None
-        for i, owner in enumerate(self._slots):
-            if owner is None and start is None:
-                start = i
-            elif owner is not None and start is not None:
-                return start, i - start
-        return (start, self.num_envs - start) if start is not None else (0, 0)
 
     async def _handshake(self, ws: web.WebSocketResponse, peer: str, transport: Any) -> WorkerConn | None:
         msg = await receive_message(ws, self.handshake_timeout, "during the handshake")
@@ -498,7 +372,7 @@ class WorkerPool:
                 err = P.parse_error(msg.body, conn.origin)
                 text = f"{conn.origin} could not start its envs: {err.remote_type}: {err.remote_message}"
                 log.error("%s", text)
-                self._note(text)
+                self.table.note(text)
                 self._release(conn)
                 return None
             if msg.kind != P.READY:
@@ -526,23 +400,21 @@ class WorkerPool:
         if self.heartbeat:  # a dead link ends a busy connection too (see ws_gym.liveness)
             give_up_unacked(transport.get_extra_info("socket"), unacked_limit(self.heartbeat))
         conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
-        with self._cond:
-            conn.active = True
-            self._version += 1
-            self._cond.notify_all()
+        self.table.activate(conn)
         log.info("%s joined (%d envs)", conn.origin, conn.count)
         return conn
 
     def _check_ready(self, ready: P.Ready, conn: WorkerConn) -> None:
         from .spaces import schema_to_space
 
-        with self._cond:
+        cond = self.table.cond  # wait_spaces waits on it
+        with cond:
             known = self.expect.ready
             if known is None:
                 schema_to_space(ready.observation_space)  # validate before adopting
                 schema_to_space(ready.action_space)
                 self.expect.ready = ready
-                self._cond.notify_all()
+                cond.notify_all()
                 return
         for what, theirs, ours in (
             ("observation space", ready.observation_space, known.observation_space),
@@ -559,15 +431,9 @@ class WorkerPool:
                 )
 
     def _release(self, conn: WorkerConn) -> None:
-        with self._cond:
-            for i in range(conn.start, conn.stop):
-                if self._slots[i] is conn:
-                    self._slots[i] = None
-            self._version += 1
-            self._conns.discard(conn)
-            if self._by_id.get(conn.worker_id) is conn:
-                del self._by_id[conn.worker_id]
-            self._cond.notify_all()
+        self.table.release(conn)
+        if self._by_id.get(conn.worker_id) is conn:
+            del self._by_id[conn.worker_id]
 
     def _drop(self, conn: WorkerConn, why: str = "disconnected", *, cut_off: bool = False) -> None:
         """The connection ended: free its slots and fail what it still owes.
@@ -583,7 +449,7 @@ class WorkerPool:
             conn.pending.clear()
         was_active = conn.active
         conn.active = False
-        self._version += 1
+        self.table.changed()
         self._release(conn)
         if owed:
             exc = WorkerLostError(f"{conn.origin} {why} during a call")
@@ -599,7 +465,7 @@ class WorkerPool:
         if was_active and not self._closing:
             text = f"{conn.origin} {why}"
             log.warning("%s", text)
-            self._note(text)
+            self.table.note(text)
 
     async def _read_replies(self, conn: WorkerConn) -> None:
         """Wait until the connection ends (replies are handled by :meth:`_on_reply`)."""
@@ -682,7 +548,7 @@ class WorkerPool:
             conn.unknown = 0
             conn.unknown_logged_at = now
 
-    def _send_direct(self, call: _Call, batch: list) -> list:
+    def _send_direct(self, call: Call, batch: list) -> list:
         """On the caller's thread: write the requests to workers whose socket
         takes them at once; returns ``(index, conn, id, frame)`` of the others,
         for :meth:`_dispatch` on the loop thread.
@@ -706,7 +572,7 @@ class WorkerPool:
                 self._loop.call_soon_threadsafe(self._send_failed, call, idx, conn, rid, str(exc))
         return rest
 
-    def _send_failed(self, call: _Call, idx: int, conn: WorkerConn, rid: int, why: str) -> None:
+    def _send_failed(self, call: Call, idx: int, conn: WorkerConn, rid: int, why: str) -> None:
         if conn.pending.pop(rid, None) is None:  # answered already: the worker was dropped
             return
         if call.tolerant:  # wait mode: the worker is lost, its part becomes LOST
@@ -715,7 +581,7 @@ class WorkerPool:
         else:
             call.fail(WorkerLostError(f"{conn.origin}: {why}"))
 
-    def _dispatch(self, call: _Call, items: list) -> None:
+    def _dispatch(self, call: Call, items: list) -> None:
         """On the loop thread: register the requests and write their frames."""
         for idx, conn, rid, _ in items:
             if not conn.alive:
@@ -749,7 +615,7 @@ class WorkerPool:
         while True:
             await asyncio.sleep(interval)
             now = self._loop.time()
-            for conn in list(self._conns):
+            for conn in list(self.table.conns):
                 live = conn.live
                 if not conn.active or live is None:
                     continue
@@ -767,7 +633,7 @@ class WorkerPool:
         calls are seen within ``interval`` seconds."""
         while True:
             await asyncio.sleep(interval)
-            for conn in list(self._conns):
+            for conn in list(self.table.conns):
                 wire = conn.wire
                 if (wire is None or not wire.polled or wire.ended or conn.pending  # a waiting caller's
                         or not wire.rlock.acquire(blocking=False)):
@@ -779,7 +645,7 @@ class WorkerPool:
                 finally:
                     wire.rlock.release()
 
-    def _cut_off(self, call: _Call) -> None:
+    def _cut_off(self, call: Call) -> None:
         """Wait mode, after step_timeout: workers that still owe a reply are lost."""
         for conn, rid, _ in call.batch:
             if rid in conn.pending:
@@ -787,7 +653,7 @@ class WorkerPool:
         if not call.done:  # e.g. a reply raced the timeout: nothing owed any more
             call.finish()
 
-    def _abandon(self, call: _Call, items: list) -> None:
+    def _abandon(self, call: Call, items: list) -> None:
         for conn, rid, _ in items:
             conn.pending.pop(rid, None)
 
@@ -795,47 +661,15 @@ class WorkerPool:
 
     def serving(self) -> list[WorkerConn]:
         """The active workers, in env order, if they cover every env; else raise."""
-        cached = self._serving
-        if cached[0] == self._version:  # per step: no scan of the slots unless they changed
-            return cached[1]
-        with self._cond:
-            version = self._version
-            missing = [i for i, c in enumerate(self._slots) if c is None or not c.active]
-            if missing:
-                raise WorkerLostError(
-                    f"envs {env_ranges(missing)} have no worker ({self._last_event()}); "
-                    "call reset() to wait for a replacement"
-                )
-            workers = self._ordered()
-            self._serving = (version, workers)
-            return workers
+        return self.table.serving()
 
     def layout(self) -> list[tuple[int, int, WorkerConn | None]]:
         """``(start, stop, worker)`` runs covering every env in order; ``None``
         where no active worker serves the envs (wait mode)."""
-        out: list[tuple[int, int, WorkerConn | None]] = []
-        with self._cond:
-            for i, c in enumerate(self._slots):
-                owner = c if c is not None and c.active else None
-                if out and out[-1][2] is owner:
-                    out[-1] = (out[-1][0], i + 1, owner)
-                else:
-                    out.append((i, i + 1, owner))
-        return out
-
-    def _ordered(self) -> list[WorkerConn]:
-        out: list[WorkerConn] = []
-        for c in self._slots:
-            if not out or out[-1] is not c:
-                out.append(c)
-        return out
-
-    def _last_event(self) -> str:
-        return self._events[-1] if self._events else "none connected yet"
+        return self.table.layout()
 
     def covered(self) -> int:
-        with self._cond:
-            return sum(1 for c in self._slots if c is not None and c.active)
+        return self.table.covered()
 
     def wait_covered(
         self,
@@ -846,30 +680,24 @@ class WorkerPool:
         interval: float = 5.0,
     ) -> None:
         """Block until active workers cover every env, or raise ConnectTimeoutError."""
-        deadline = time.monotonic() + timeout
-        next_report = time.monotonic()
-        with self._cond:
-            while True:
-                have = sum(1 for c in self._slots if c is not None and c.active)
-                if have == self.num_envs:
-                    return
-                now = time.monotonic()
-                if progress is not None and now >= next_report:
-                    progress(have)
-                    next_report = now + interval
-                if check is not None:
-                    check()
-                if now >= deadline:
-                    raise ConnectTimeoutError(
-                        f"only {have} of {self.num_envs} envs have a worker after {timeout:g} s: "
-                        f"{self.num_envs - have} missing; workers connect to {self.url} "
-                        f"(last event: {self._last_event()})"
-                    )
-                self._cond.wait(min(deadline - now, max(next_report - now, 0.05), 0.5))
+        self.table.wait_covered(timeout, self.url, progress=progress, check=check, interval=interval)
+
+    # the table's, under the names the tests read
+    @property
+    def _slots(self) -> list[WorkerConn | None]:
+        return self.table.slots
+
+    @property
+    def _conns(self) -> set[WorkerConn]:
+        return self.table.conns
+
+    def _ordered_all(self) -> list[WorkerConn]:
+        return self.table.ordered_all()
 
     def wait_spaces(self, timeout: float, check: Callable[[], None] | None = None) -> P.Ready:
         deadline = time.monotonic() + timeout
-        with self._cond:
+        table = self.table
+        with table.cond:
             while self.expect.ready is None:
                 now = time.monotonic()
                 if check is not None:
@@ -877,9 +705,9 @@ class WorkerPool:
                 if now >= deadline:
                     raise ConnectTimeoutError(
                         f"no worker connected within {timeout:g} s to tell the env's spaces; "
-                        f"workers connect to {self.url} (last event: {self._last_event()})"
+                        f"workers connect to {self.url} (last event: {table.last_event()})"
                     )
-                self._cond.wait(min(deadline - now, 0.5))
+                table.cond.wait(min(deadline - now, 0.5))
             return self.expect.ready
 
     def request(self, items: list[tuple[WorkerConn, str, Any]], timeout: float | None) -> list[Any]:
@@ -891,7 +719,7 @@ class WorkerPool:
         return self.wait(self.submit(items), timeout)
 
     def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False,
-               sink: Callable[[int, Any, bool], None] | None = None) -> "_Call":
+               sink: Callable[[int, Any, bool], None] | None = None) -> Call:
         """Encode and send the requests without waiting; :meth:`wait` collects the replies.
 
         ``tolerant`` (wait mode only): a worker lost meanwhile gives :data:`LOST`
@@ -912,7 +740,7 @@ class WorkerPool:
                 if kind == P.STEP and conn.compact is not None:
                     frame = conn.compact.encode_request(rid, body["a"])
                 batch.append((conn, rid, frame or codec.encode(kind, rid, body, strict=True)))
-            call = _Call(len(batch))
+            call = Call(len(batch))
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode
             call.sink = sink
@@ -926,7 +754,7 @@ class WorkerPool:
                 self._loop.call_soon_threadsafe(self._dispatch, call, [(i, *b) for i, b in enumerate(batch)])
             return call
 
-    def wait(self, call: "_Call", timeout: float | None) -> list[Any]:
+    def wait(self, call: Call, timeout: float | None) -> list[Any]:
         """The replies to a submitted call, in request order; raise its error or a timeout."""
         left = timeout
         if self.busy_poll and not call.done:  # returns at once when no polled worker owes the call
@@ -946,7 +774,7 @@ class WorkerPool:
             raise call.error
         return call.results
 
-    def _poll_replies(self, call: "_Call", timeout: float | None) -> float | None:
+    def _poll_replies(self, call: Call, timeout: float | None) -> float | None:
         """Busy polling: read the call's replies on this thread, spinning for up
         to ``busy_poll`` seconds, then sleeping in ``poll`` until one comes.
 
@@ -986,8 +814,8 @@ class WorkerPool:
             return
         self._closing = True
         try:
-            with self._cond:
-                conns = [c for c in self._ordered_all() if c.active and c.alive]
+            with self.table.cond:
+                conns = [c for c in self.table.ordered_all() if c.active and c.alive]
             if conns and self._loop.is_running():
                 try:
                     self.request([(c, P.CLOSE, {}) for c in conns], timeout)
@@ -1003,15 +831,12 @@ class WorkerPool:
                     log.debug("server shutdown: %r", exc)
             self._stop_loop()
 
-    def _ordered_all(self) -> list[WorkerConn]:
-        return sorted(self._conns, key=lambda c: c.start)
-
     async def _shutdown(self) -> None:
         for task in (self._watchdog, self._idle_poller):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)  # let it end before the loop stops
-        for conn in list(self._conns):
+        for conn in list(self.table.conns):
             if conn.wire is not None:
                 conn.wire.close(F.CLOSE_GOING_AWAY, "trainer closing")
             elif not conn.ws.closed:
@@ -1026,10 +851,3 @@ class WorkerPool:
         if not self._thread.is_alive() and not self._loop.is_closed():
             self._loop.close()
 
-
-def env_ranges(indices: list[int]) -> str:
-    parts = []
-    for _, group in itertools.groupby(enumerate(indices), lambda p: p[1] - p[0]):
-        g = [i for _, i in group]
-        parts.append(str(g[0]) if len(g) == 1 else f"{g[0]}..{g[-1]}")
-    return ", ".join(parts)

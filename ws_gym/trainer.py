@@ -28,10 +28,11 @@ from gymnasium.vector import AutoresetMode
 
 from . import codec, loops
 from . import protocol as P
+from .addresses import certificate_fingerprint, format_url, is_loopback, loopback_for, plain_host
 from .errors import WsGymError
 from .host import check_vectorization
 from .local import LocalWorkers, split_envs
-from .pool import Expectation, WorkerPool, certificate_fingerprint, format_url, is_loopback, loopback_for
+from .pool import Expectation, WorkerPool
 from .spaces import schema_to_space, space_to_schema
 
 log = logging.getLogger("ws_gym")
@@ -203,8 +204,7 @@ class Trainer:
         public_url: str | None = None,
     ) -> None:
         public_url = check_public_url(public_url)
-        if isinstance(host, str) and len(host) > 2 and host[0] == "[" and host[-1] == "]":
-            host = host[1:-1]  # an IPv6 address written as in URLs ("[::1]")
+        host = plain_host(host)  # an IPv6 address may come written as in URLs ("[::1]")
         if env_id is not None and not isinstance(env_id, str):
             raise TypeError(f"env_id must be a string or None, got {type(env_id).__name__}")
         if env_kwargs is not None and not isinstance(env_kwargs, dict):

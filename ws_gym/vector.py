@@ -27,7 +27,8 @@ from . import protocol as P
 from . import codec
 from .codec import Unencodable
 from .errors import ProtocolError, WorkerLostError
-from .pool import LOST, env_ranges
+from .calls import LOST
+from .slots import env_ranges
 from .trainer import Trainer, autoreset_value
 
 __all__ = ["RemoteVectorEnv"]
