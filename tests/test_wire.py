@@ -102,14 +102,29 @@ def test_writes_from_a_thread_and_from_the_loop_keep_their_order():
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
 
 
+async def _server_side(loop, ours: socket.socket) -> FrameConnection:
+    """A trainer-side FrameConnection on our end of a socket pair."""
+    transport, _ = await loop.connect_accepted_socket(_Sink, ours)
+    conn, _ = FrameConnection.take_over(transport, client=False, max_size=1000,
+                                        on_message=lambda data: None, loop=loop)
+    return conn
+
+
+def _read_to_end(peer: socket.socket) -> bytes:
+    """What the peer receives until the stream ends (bounded by its timeout)."""
+    peer.settimeout(5)
+    data = b""
+    while chunk := peer.recv(4096):
+        data += chunk
+    return data
+
+
 def test_a_closed_connection_refuses_writes_and_the_peer_sees_the_end():
     loop = loops.new_event_loop()
     ours, peer = socket.socketpair()
     try:
         async def run():
-            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
-            conn, _ = FrameConnection.take_over(transport, client=False, max_size=1000,
-                                                on_message=lambda data: None, loop=loop)
+            conn = await _server_side(loop, ours)
             conn.enable_direct()
             conn.close(F.CLOSE_GOING_AWAY, "bye")
             with pytest.raises(ConnectionResetError):
@@ -120,13 +135,7 @@ def test_a_closed_connection_refuses_writes_and_the_peer_sees_the_end():
             return conn
 
         loop.run_until_complete(run())
-        peer.settimeout(5)
-        data = b""
-        while True:  # the close frame, then the end of the stream: no descriptor left open
-            chunk = peer.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = _read_to_end(peer)  # the close frame, then the end of the stream: no descriptor left open
         (op, payload), = F.FrameParser(max_size=1000, masked=False).feed(data)
         assert op == F.OP_CLOSE and F.parse_close(payload) == (1001, "bye")
     finally:
@@ -145,18 +154,13 @@ def test_a_peers_close_frame_is_checked_before_it_is_answered(payload, code):
     ours, peer = socket.socketpair()
     try:
         async def run():
-            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
-            conn, _ = FrameConnection.take_over(transport, client=False, max_size=1000,
-                                                on_message=lambda data: None, loop=loop)
+            conn = await _server_side(loop, ours)
             peer.sendall(b"".join(F.frame(F.OP_CLOSE, payload, masked=True)))
             await asyncio.wait_for(asyncio.wait([conn.done]), 5)
             return conn
 
         conn = loop.run_until_complete(run())
-        peer.settimeout(5)
-        data = b""
-        while chunk := peer.recv(4096):
-            data += chunk
+        data = _read_to_end(peer)
         (op, answer), = F.FrameParser(max_size=1000, masked=False).feed(data)
         assert op == F.OP_CLOSE and F.parse_close(answer)[0] == code
         if code == 4001:

@@ -129,10 +129,11 @@ class RemoteEnv(gym.Env):
             self._load()
         body = {"seeds": seed, "options": options}
         if trainer.wait_mode:  # a worker lost during the reset: wait for the next one and reset it
-            (reply,) = trainer.wait(trainer.submit([(worker, P.RESET, body)], tolerant=True))
-            while reply is LOST:
-                worker = self._worker()
+            while True:
                 (reply,) = trainer.wait(trainer.submit([(worker, P.RESET, body)], tolerant=True))
+                if reply is not LOST:
+                    break
+                worker = self._worker()
         else:
             (reply,) = trainer.request([(worker, P.RESET, body)])
         _check(reply, ("o", "info"), worker.origin)
@@ -141,8 +142,7 @@ class RemoteEnv(gym.Env):
         return own(reply["o"]), own(reply["info"])
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
-        if self._closed:
-            self._check_open()
+        self._check_open()
         trainer = self._trainer
         if trainer.wait_mode:  # a lost worker ends the episode as truncated; reset() waits for a new one
             worker = trainer.pool.layout()[0][2]

@@ -608,8 +608,8 @@ class WorkerPool:
 
     async def _watch(self, heartbeat: float) -> None:
         """Heartbeats (rules in :mod:`ws_gym.liveness`): ping every worker heard
-        from less than half a heartbeat ago, busy or not, and cut off an idle
-        one silent for 1.5 heartbeats. A busy worker on a dead link leaves the
+        from for half a heartbeat, busy or not, and cut off an idle one silent
+        for 1.25 heartbeats. A busy worker on a dead link leaves the
         pings unacknowledged, and the kernel ends its connection."""
         interval = check_interval(heartbeat)
         while True:

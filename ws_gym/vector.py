@@ -155,26 +155,33 @@ def batch_shape(space: gym.Space, n: int) -> str:
     return f"a sequence of {n} values"
 
 
-def check_actions(space: gym.Space, batch: Any, n: int, what: str = "actions") -> None:
+def check_actions(space: gym.Space, batch: Any, n: int, path: tuple = ()) -> None:
     """Raise as ``SyncVectorEnv.step`` would (gymnasium's ``iterate``) where ``batch``
     cannot be ``n`` actions of ``space``: TypeError for what cannot be iterated or
-    indexed, KeyError/IndexError for a missing part, ValueError for a wrong count."""
-    expected = f"expected a batch of {n} actions ({batch_shape(space, n)})"
+    indexed, KeyError/IndexError for a missing part, ValueError for a wrong count.
+
+    Called on every step of a Dict/Tuple action space: messages are made only
+    when one is raised. ``path``: the keys leading to ``batch``."""
     if isinstance(space, (spaces.Dict, spaces.Tuple)):
         subs = space.spaces.items() if isinstance(space, spaces.Dict) else enumerate(space.spaces)
         for k, sub in subs:
             try:  # indexed as gymnasium's iterate does: the same error for what has no [k]
                 part = batch[k]
             except (TypeError, KeyError, IndexError) as exc:
-                raise type(exc)(f"{what}: {expected}, got {type(batch).__name__} without [{k!r}]") from None
-            check_actions(sub, part, n, f"{what}[{k!r}]")
+                raise type(exc)(f"{_expected(space, n, path)}, got {type(batch).__name__} without [{k!r}]") from None
+            check_actions(sub, part, n, (*path, k))
     else:
         try:
             count = len(batch)
         except TypeError:  # a scalar, a 0-d array, None
-            raise TypeError(f"{what}: {expected}, got {type(batch).__name__} {batch!r:.80}") from None
+            raise TypeError(f"{_expected(space, n, path)}, got {type(batch).__name__} {batch!r:.80}") from None
         if count != n:
-            raise ValueError(f"{what}: {expected}, got {count}")
+            raise ValueError(f"{_expected(space, n, path)}, got {count}")
+
+
+def _expected(space: gym.Space, n: int, path: tuple) -> str:
+    what = "actions" + "".join(f"[{k!r}]" for k in path)
+    return f"{what}: expected a batch of {n} actions ({batch_shape(space, n)})"
 
 
 def check_reply(reply: Any, count: int, space: gym.Space, origin: str, *, step: bool) -> None:
