@@ -20,8 +20,9 @@ import ws_gym
 from ws_gym import frames as F
 from ws_gym import loops
 from ws_gym.pool import WorkerPool
-from ws_gym import trainer as trainer_module
-from ws_gym.trainer import busy_poll_wanted
+from ws_gym.config import busy_poll_wanted
+from ws_gym import config as config_module
+from ws_gym.config import Transport
 from ws_gym.wire import FrameConnection
 
 from .conftest import assert_same
@@ -35,22 +36,26 @@ posix_only = pytest.mark.skipif(sys.platform == "win32", reason="busy polling is
 
 
 def test_busy_poll_is_chosen_where_a_core_is_spare(monkeypatch):
-    monkeypatch.delenv("WS_GYM_BUSY_POLL", raising=False)
-    monkeypatch.setattr(trainer_module, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: 4)
     on_posix = os.name == "posix"
-    assert busy_poll_wanted(None, 3, "sync", None) is on_posix  # 3 workers + the caller: 4 cores
-    assert busy_poll_wanted(None, 4, "sync", None) is False  # no core left for the caller
-    assert busy_poll_wanted(None, 0, "sync", None) is False  # remote workers only: ask for it
-    assert busy_poll_wanted(None, 1, "async", None) is False  # the envs' subprocesses need the cores
-    assert busy_poll_wanted(True, 0, "sync", None) is on_posix
-    assert busy_poll_wanted(False, 1, "sync", None) is False
-    assert busy_poll_wanted(True, 1, "sync", object()) is False  # TLS: the loop decrypts
-    monkeypatch.setenv("WS_GYM_BUSY_POLL", "0")
-    assert busy_poll_wanted(True, 1, "sync", None) is False
-    monkeypatch.setenv("WS_GYM_BUSY_POLL", "1")
-    assert busy_poll_wanted(False, 0, "sync", None) is on_posix
+    assert busy_poll_wanted(None, 3, "sync", tls=False) is on_posix  # 3 workers + the caller: 4 cores
+    assert busy_poll_wanted(None, 4, "sync", tls=False) is False  # no core left for the caller
+    assert busy_poll_wanted(None, 0, "sync", tls=False) is False  # remote workers only: ask for it
+    assert busy_poll_wanted(None, 1, "async", tls=False) is False  # the envs' subprocesses need the cores
+    assert busy_poll_wanted(True, 0, "sync", tls=False) is on_posix
+    assert busy_poll_wanted(False, 1, "sync", tls=False) is False
+    assert busy_poll_wanted(True, 1, "sync", tls=True) is False  # TLS: the loop decrypts
     with pytest.raises(TypeError, match="busy_poll"):
-        busy_poll_wanted("yes", 1, "sync", None)
+        busy_poll_wanted("yes", 1, "sync", tls=False)
+
+
+def test_the_busy_poll_switch_forces_it_either_way():
+    assert Transport.from_environment({"WS_GYM_BUSY_POLL": "0"}).busy_poll is False
+    assert Transport.from_environment({"WS_GYM_BUSY_POLL": "1"}).busy_poll is True
+    assert Transport.from_environment({}).busy_poll is None
+    forced = Transport(busy_poll=True).resolve(tls=False, local_workers=0, busy_poll=False)
+    assert forced.busy_poll is (os.name == "posix")
+    assert Transport(busy_poll=False).resolve(tls=False, local_workers=1, busy_poll=True).busy_poll is False
 
 
 # ------------------------------------------------------ a polled FrameConnection

@@ -54,7 +54,8 @@ from .errors import (
     WorkerLostError,
     WsGymError,
 )
-from .wire import FrameConnection, hand_back, wait_readable
+from .polling import poll_idle, poll_replies
+from .wire import FrameConnection, hand_back
 from .wsio import receive_message
 
 log = logging.getLogger("ws_gym")
@@ -205,7 +206,7 @@ class WorkerPool:
         if self.heartbeat:
             self._watchdog = asyncio.ensure_future(self._watch(self.heartbeat))
         if self.busy_poll:
-            self._idle_poller = asyncio.ensure_future(self._poll_idle())
+            self._idle_poller = asyncio.ensure_future(poll_idle(lambda: self.table.conns))
         return sock.getsockname()[1]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -627,24 +628,6 @@ class WorkerPool:
                     except (ConnectionError, RuntimeError):
                         self._drop(conn, cut_off=True)
 
-    async def _poll_idle(self, interval: float = 0.02) -> None:
-        """Busy polling: read the polled connections that no caller is reading,
-        so that pongs, late replies, close frames and ends of stream between
-        calls are seen within ``interval`` seconds."""
-        while True:
-            await asyncio.sleep(interval)
-            for conn in list(self.table.conns):
-                wire = conn.wire
-                if (wire is None or not wire.polled or wire.ended or conn.pending  # a waiting caller's
-                        or not wire.rlock.acquire(blocking=False)):
-                    continue
-                try:
-                    end = time.perf_counter() + 0.002  # a peer that never stops sending cannot hold the loop
-                    while wire.poll_read() and time.perf_counter() < end:
-                        pass
-                finally:
-                    wire.rlock.release()
-
     def _cut_off(self, call: Call) -> None:
         """Wait mode, after step_timeout: workers that still owe a reply are lost."""
         for conn, rid, _ in call.batch:
@@ -758,7 +741,7 @@ class WorkerPool:
         """The replies to a submitted call, in request order; raise its error or a timeout."""
         left = timeout
         if self.busy_poll and not call.done:  # returns at once when no polled worker owes the call
-            left = self._poll_replies(call, timeout)
+            left = poll_replies(call, timeout, self.busy_poll)
         if not call.lock.acquire(timeout=-1 if left is None else left):
             if call.tolerant:  # wait mode: the slow workers are lost, the call completes
                 self._loop.call_soon_threadsafe(self._cut_off, call)
@@ -773,40 +756,6 @@ class WorkerPool:
         if call.error is not None:
             raise call.error
         return call.results
-
-    def _poll_replies(self, call: Call, timeout: float | None) -> float | None:
-        """Busy polling: read the call's replies on this thread, spinning for up
-        to ``busy_poll`` seconds, then sleeping in ``poll`` until one comes.
-
-        Returns what is left of ``timeout``. Stops once no polled connection
-        owes the call anything (the loop completes or fails the rest).
-        """
-        clock = time.perf_counter
-        now = clock()
-        deadline = None if timeout is None else now + timeout
-        spin_end = now + self.busy_poll
-        batch = call.batch
-        while not call.done:
-            owing = [c.wire for c, rid, _ in batch
-                     if rid in c.pending and c.wire is not None and c.wire.polled and not c.wire.ended]
-            if not owing:
-                break
-            for wire in owing:
-                if wire.rlock.acquire(blocking=False):  # else the loop is reading it just now
-                    try:
-                        wire.poll_read()
-                    finally:
-                        wire.rlock.release()
-            if call.done:
-                break
-            now = clock()
-            if deadline is not None and now >= deadline:
-                break
-            if now >= spin_end:  # a slow reply: sleep until a socket has something
-                wait_readable(owing, 0.05 if deadline is None else min(0.05, deadline - now))
-        if deadline is None:
-            return None
-        return max(0.0, deadline - clock())
 
     def close(self, timeout: float = 5.0) -> None:
         """Tell workers to close their envs, then stop the server and the loop."""

@@ -28,6 +28,7 @@ from gymnasium.vector import AutoresetMode
 
 from . import codec, loops
 from . import protocol as P
+from .config import Transport, CALLER_POLL, WORKER_POLL, busy_poll_wanted, usable_cpus  # noqa: F401
 from .addresses import certificate_fingerprint, format_url, is_loopback, loopback_for, plain_host
 from .errors import WsGymError
 from .host import check_vectorization
@@ -141,37 +142,6 @@ def probe(env_id: str | None, env_kwargs: dict, max_episode_steps: int | None) -
         env.close()
 
 
-CALLER_POLL = 0.001  # seconds a caller spins on its replies before it sleeps
-WORKER_POLL = 0.0005  # seconds a local worker reads on after each reply
-
-
-def busy_poll_wanted(
-    busy_poll: bool | None, local_workers: int, vectorization: str, server_ssl: ssl.SSLContext | None
-) -> bool:
-    """Whether to busy-poll (see :mod:`ws_gym.wire`): ``None`` means where it
-    pays, i.e. local workers that, with the caller, each have a core of their
-    own (a spinning thread on a shared core slows the others down).
-    ``WS_GYM_BUSY_POLL=0`` or ``=1`` overrides. Needs POSIX and plain ws://."""
-    if busy_poll is not None and not isinstance(busy_poll, bool):
-        raise TypeError(f"busy_poll must be True, False or None, got {busy_poll!r}")
-    forced = os.environ.get("WS_GYM_BUSY_POLL", "").strip().lower()
-    if forced:
-        busy_poll = not loops.switched_off("WS_GYM_BUSY_POLL")
-    if os.name != "posix" or server_ssl is not None:
-        return False
-    if busy_poll is not None:
-        return busy_poll
-    return 0 < local_workers < usable_cpus() and vectorization == "sync"
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 class Trainer:
     """Server + local workers + the spaces every worker must match."""
 
@@ -262,7 +232,9 @@ class Trainer:
             ready=probe(env_id, env_kwargs, max_episode_steps),
         )
         unix_path = self._unix_path(counts, server_ssl)
-        self.busy_poll = busy_poll_wanted(busy_poll, local_workers, worker_vectorization, server_ssl)
+        forced = Transport.from_environment().busy_poll
+        self.busy_poll = busy_poll_wanted(busy_poll if forced is None else forced, local_workers,
+                                          worker_vectorization, tls=server_ssl is not None)
         try:
             self.pool = WorkerPool(
                 num_envs=num_envs, expect=expect, host=host, port=port, token="" if tokens_off else token,
