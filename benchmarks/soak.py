@@ -413,7 +413,7 @@ class LinkCut(threading.Thread):
     def __init__(self, soak: "Soak", seq: int, kind: str, during: str, hold: float,
                  names: set, cids: set, slots: list) -> None:
         super().__init__(daemon=True, name=f"link-cut-{seq}")
-        self.topo, self.pool = soak.topo, soak.envs._trainer.pool
+        self.topo, self.trainer = soak.topo, soak.envs._trainer
         self.seq, self.kind, self.during, self.hold = seq, kind, during, hold
         self.names, self.cids, self.slots = set(names), set(cids), list(slots)
         self.wait_after = soak.cfg.cut_recovery_bound + 0.5
@@ -433,7 +433,7 @@ class LinkCut(threading.Thread):
 
     def _poll(self) -> None:
         try:
-            layout = self.pool.layout()
+            layout = self.trainer.layout()
         except Exception:  # noqa: BLE001 - the trainer is closing
             return
         now = time.monotonic()
@@ -667,7 +667,7 @@ class Soak:
 
     def serving(self) -> tuple[list, dict]:
         """The trainer's slot layout and, per worker name, its env slots."""
-        layout = self.envs._trainer.pool.layout()
+        layout = self.envs._trainer.layout()
         holes = [(a, b) for a, b, w in layout if w is None]
         if holes != self.last_holes:
             self.last_holes = holes

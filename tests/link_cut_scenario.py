@@ -149,7 +149,7 @@ class HoleWatch(threading.Thread):
         while not self.stop.wait(0.01):
             try:
                 holes = set()
-                for a, b, w in self.envs._trainer.pool.layout():
+                for a, b, w in self.envs._trainer.layout():
                     if w is None:
                         holes.update(range(a, b))
             except Exception:
@@ -272,17 +272,17 @@ def cut_scenario(args: dict, topo: Topology, out: dict, clock: Clock, calls: Cal
     envs = keep["envs"] = ws_gym.RemoteVectorEnv(
         N, env_id=COUNTER, host=topo.addr("t"), port=0, token=token, heartbeat=hb,
         on_worker_lost=mode, step_timeout=30, connect_timeout=60)
-    pool = envs._trainer.pool
+    trainer = envs._trainer
     workers = keep["workers"] = {r: start_worker(topo, r, envs.url, token, logdir) for r in ("a", "b")}
     clock.event(f"trainer on {envs.url}; workers started")
-    took = wait_for(lambda: pool.covered() == N or any(p.poll() is not None for p in workers.values()), 30)
-    if pool.covered() != N:
-        raise RuntimeError(f"workers did not connect within 30 s (covered {pool.covered()}/{N}, "
+    took = wait_for(lambda: trainer.table.covered() == N or any(p.poll() is not None for p in workers.values()), 30)
+    if trainer.table.covered() != N:
+        raise RuntimeError(f"workers did not connect within 30 s (covered {trainer.table.covered()}/{N}, "
                            f"exit codes A={workers['a'].poll()} B={workers['b'].poll()})")
     out["connect_s"] = round(took, 3)
-    a_slots = [i for i, c in enumerate(pool._slots) if c is not None and c.name == "A"]
+    a_slots = [i for i, c in enumerate(trainer.table.slots) if c is not None and c.name == "A"]
     out["a_slots"] = a_slots
-    peers = {c.peer for i, c in enumerate(pool._slots) if i in a_slots}
+    peers = {c.peer for i, c in enumerate(trainer.table.slots) if i in a_slots}
     if len(a_slots) != PER_WORKER or not all(str(p).startswith(topo.addr("a")) for p in peers):
         raise RuntimeError(f"A's slots {a_slots} from peers {peers}: expected {PER_WORKER} from {topo.addr('a')}")
     zeros = np.zeros(N, dtype=np.int64)
@@ -342,12 +342,12 @@ def cut_scenario(args: dict, topo: Topology, out: dict, clock: Clock, calls: Cal
             result, exc = calls("step(after the restore)", envs.step, zeros)
             if exc is None:
                 flagged = check_wait_result(result, a_slots, problems, "step after the restore")
-                if not flagged and pool.covered() == N:
+                if not flagged and trainer.table.covered() == N:
                     served_at = clock.now()
                     break
             time.sleep(0.02)
         else:
-            if pool.covered() == N:
+            if trainer.table.covered() == N:
                 served_at = clock.now()
                 break
             time.sleep(0.02)
@@ -398,13 +398,13 @@ def lossy_scenario(args: dict, topo: Topology, out: dict, clock: Clock, calls: C
     envs = keep["envs"] = ws_gym.RemoteVectorEnv(
         N, env_id=COUNTER, host=topo.addr("t"), port=0, token=token, heartbeat=args["heartbeat"],
         on_worker_lost="raise", step_timeout=30, connect_timeout=60)
-    pool = envs._trainer.pool
+    trainer = envs._trainer
     workers = keep["workers"] = {r: start_worker(topo, r, envs.url, token, logdir) for r in ("a", "b")}
-    took = wait_for(lambda: pool.covered() == N or any(p.poll() is not None for p in workers.values()), 30)
-    if pool.covered() != N:
-        raise RuntimeError(f"workers did not connect within 30 s (covered {pool.covered()}/{N})")
+    took = wait_for(lambda: trainer.table.covered() == N or any(p.poll() is not None for p in workers.values()), 30)
+    if trainer.table.covered() != N:
+        raise RuntimeError(f"workers did not connect within 30 s (covered {trainer.table.covered()}/{N})")
     out["connect_s"] = round(took, 3)
-    a_slots = [i for i, c in enumerate(pool._slots) if c is not None and c.name == "A"]
+    a_slots = [i for i, c in enumerate(trainer.table.slots) if c is not None and c.name == "A"]
     watch = keep["watch"] = HoleWatch(envs, a_slots, clock)
     watch.start()
     ref = gym.make_vec(COUNTER, N, vectorization_mode="sync")

@@ -19,7 +19,7 @@ import pytest
 import ws_gym
 from ws_gym import frames as F
 from ws_gym import loops
-from ws_gym.pool import WorkerPool
+from ws_gym.calls import CallBook
 from ws_gym.config import busy_poll_wanted
 from ws_gym import config as config_module
 from ws_gym.config import Transport
@@ -130,13 +130,13 @@ async def _is_reading(conn: FrameConnection) -> bool:
 def reply_threads(monkeypatch):
     """The names of the threads that handled the trainer's replies."""
     names: list[str] = []
-    original = WorkerPool._on_reply
+    original = CallBook.on_reply
 
     def on_reply(self, conn, data):
         names.append(threading.current_thread().name)
         return original(self, conn, data)
 
-    monkeypatch.setattr(WorkerPool, "_on_reply", on_reply)
+    monkeypatch.setattr(CallBook, "on_reply", on_reply)
     return names
 
 
@@ -151,7 +151,7 @@ def test_polled_steps_equal_sync_vector_env(monkeypatch, reply_threads, busy_pol
         assert trainer.busy_poll is busy_poll
         assert all(("--busy-poll" in cmd) is busy_poll for cmd in trainer.local._cmds)
         run_and_compare(envs)
-        conns = trainer.pool._ordered_all()
+        conns = trainer.table.ordered_all()
         assert len(conns) == 2
         for conn in conns:
             assert conn.wire.polled is busy_poll
@@ -191,7 +191,7 @@ def test_polled_calls_wait_out_a_slow_step_and_time_out(cli_workers):
         for _ in range(2):
             cli_workers.start("--url", envs.url, "--env", COUNTER, "--busy-poll", "300")
         envs.reset(seed=0)
-        conns = envs._trainer.pool._ordered_all()
+        conns = envs._trainer.table.ordered_all()
         assert len(conns) == 2 and all(c.wire.polled for c in conns)
         t0 = time.monotonic()
         obs, *_ = envs.step(np.array([3, 0]))  # 3 s: long past the spin
@@ -252,7 +252,7 @@ def test_heartbeats_are_answered_while_a_polled_trainer_is_idle(cli_workers):
         cli_workers.start("--url", envs.url, "--env", COUNTER, "--num-envs", "2")
         envs.reset(seed=0)
         envs.step(np.zeros(2, dtype=np.int64))
-        pinged = envs._trainer.pool._ordered_all()[0]
+        pinged = envs._trainer.table.ordered_all()[0]
         time.sleep(2.0)  # idle: several heartbeat rounds (the subject of the test, not a wait for it)
         assert pinged.alive and not holes(envs)
         assert envs.step(np.zeros(2, dtype=np.int64))[0].tolist() == [[2, 2], [2, 2]]
@@ -304,7 +304,7 @@ def test_a_flooding_worker_cannot_hold_a_polled_trainer(caplog):
             envs.reset(seed=0)
         assert time.monotonic() - t0 < 5
         before = sent[0]
-        pool_loop = envs._trainer.pool._loop
+        pool_loop = envs._trainer.server._loop
         for _ in range(5):  # between calls the loop reads the flood, a bounded amount per round
             t0 = time.monotonic()
             asyncio.run_coroutine_threadsafe(asyncio.sleep(0), pool_loop).result(5)

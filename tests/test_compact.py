@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
+from ws_gym.config import Transport
 import ws_gym
 from ws_gym import codec, compact
 from ws_gym import protocol as P
@@ -192,30 +193,29 @@ def test_the_codec_never_mistakes_a_compact_frame_for_its_own():
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_trainer_and_local_workers_step_by_compact_frames(monkeypatch, switch):
     """Over real sockets: 6 envs in 2 local workers use compact frames (or not, with
-    WS_GYM_COMPACT=0), episode ends with infos go by the codec, and every result
-    equals SyncVectorEnv's."""
-    monkeypatch.setenv("WS_GYM_COMPACT", switch)
-    kw = dict(max_episode_steps=15, record_episode_statistics=True)
+    a Transport with compact=False), episode ends with infos go by the codec, and every
+    result equals SyncVectorEnv's."""
+    kw = dict(max_episode_steps=15, record_episode_statistics=True, transport=Transport(compact=switch == "1"))
     envs = gym.make_vec("ws_gym/Remote-v0", num_envs=6, env_id="CartPole-v1", port=0, local_workers=2, **kw)
     ref = gym.make_vec("CartPole-v1", 6, vectorization_mode="sync",
                        wrappers=[gym.wrappers.RecordEpisodeStatistics], max_episode_steps=15)
     try:
         assert_same(envs.reset(seed=5), ref.reset(seed=5))
-        conns = envs.unwrapped._trainer.pool.serving()
+        conns = envs.unwrapped._trainer.serving()
         assert len(conns) == 2
         used = {"compact": 0, "codec": 0}
         for conn in conns:
             if switch == "0":
-                assert conn.compact is None
+                assert conn.codec.layout is None
                 continue
-            assert conn.compact is not None and conn.compact.count == conn.count
-            real = conn.compact.reply_id  # every compact reply is checked by it, copied or decoded
+            assert conn.codec.layout is not None and conn.codec.layout.count == conn.count
+            real = conn.codec.layout.reply_id  # every compact reply is checked by it, copied or decoded
 
             def counting(frame, real=real):
                 used["compact"] += 1
                 return real(frame)
 
-            conn.compact.reply_id = counting
+            conn.codec.layout.reply_id = counting
         real_decode = codec.decode
 
         def counting_decode(frame, **kw):
@@ -245,15 +245,15 @@ def test_trainer_and_local_workers_step_by_compact_frames(monkeypatch, switch):
 
 
 def test_single_remote_env_steps_by_compact_frames(monkeypatch):
-    monkeypatch.setenv("WS_GYM_COMPACT", "1")  # whatever the caller's environment says
-    env = gym.make("ws_gym/Remote-v0", env_id="CartPole-v1", port=0, local_workers=1)
+    env = gym.make("ws_gym/Remote-v0", env_id="CartPole-v1", port=0, local_workers=1,
+                   transport=Transport())  # whatever the caller's environment says
     ref = gym.make("CartPole-v1")
     try:
         assert_same(env.reset(seed=3), ref.reset(seed=3))
-        (conn,) = env.unwrapped._trainer.pool.serving()
-        assert conn.compact is not None and conn.compact.single
-        real, used = conn.compact.reply_body, []  # what a compact reply without a sink is decoded by
-        conn.compact.reply_body = lambda frame: used.append(1) or real(frame)
+        (conn,) = env.unwrapped._trainer.serving()
+        assert conn.codec.layout is not None and conn.codec.layout.single
+        real, used = conn.codec.layout.reply_body, []  # what a compact reply without a sink is decoded by
+        conn.codec.layout.reply_body = lambda frame: used.append(1) or real(frame)
         for i in range(400):
             # np.int64 (Discrete.sample()'s type): compact; a Python int: by the codec, as an int
             action = np.int64(i % 3 // 2) if i % 2 else i % 3 // 2

@@ -22,7 +22,7 @@ from gymnasium.vector import AutoresetMode
 
 import ws_gym
 import tests.envs  # noqa: F401  (registers Fancy-v0 here too)
-from ws_gym.vector import batch_shape, env_spec_from_repr
+from ws_gym.batching import batch_shape, env_spec_from_repr
 
 from .conftest import assert_same
 

@@ -38,6 +38,7 @@ import pytest
 from aiohttp import web
 
 import ws_gym
+from ws_gym.config import Transport
 from ws_gym import codec, compact
 from ws_gym import protocol as P
 from ws_gym.errors import ProtocolError, RemoteEnvError, StepTimeoutError, WorkerLostError
@@ -348,7 +349,7 @@ def test_trainer_survives_raw_hostile_connections(bg, caplog):
     try:
         lock.reset(seed=11)
         lock.step(3)
-        hs_timeout = envs.unwrapped._trainer.pool.handshake_timeout
+        hs_timeout = envs.unwrapped._trainer.server.handshake_timeout
         # A client that upgrades and says nothing: dropped after handshake_timeout.
         silent = bg.run(bg.session.ws_connect(url))
         silent_since = time.monotonic()
@@ -658,11 +659,11 @@ async def _after_welcome(session, url: str, frames, timeout: float = 10.0) -> li
 
 
 def test_trainer_survives_hostile_handshakes_and_a_worker_gone_bad(bg, cli_workers, caplog, monkeypatch):
-    monkeypatch.setenv("WS_GYM_COMPACT", "1")  # the compact sabotages need a trainer that reads them
     envs = ws_gym.RemoteVectorEnv(3, env_id="CartPole-v1", port=0, connect_timeout=20, step_timeout=3,
-                                  max_msg_size=8 << 20)
-    pool = envs._trainer.pool
-    pool.ready_timeout = 3.0  # test knob: how long a welcomed client may keep its slots without answering
+                                  max_msg_size=8 << 20,
+                                  transport=Transport())  # compact sabotages need a trainer that reads them
+    trainer = envs._trainer
+    trainer.server.ready_timeout = 3.0  # test knob: how long a welcomed client may keep its slots without answering
     url = envs.url
     lock = Lockstep(envs, 3)
     fake = None
@@ -687,18 +688,18 @@ def test_trainer_survives_hostile_handshakes_and_a_worker_gone_bad(bg, cli_worke
                     assert word in reason and len(reason) < 5000, (name, reason[:200])
                 tried("trainer, handshake", name, max(len(frames), 1))
                 # its slots are free again (a close may reach us before the trainer notices it)
-                wait_until(lambda: sum(s is None for s in pool._slots) >= 2, 5, f"{name}: the slots to come free")
+                wait_until(lambda: sum(s is None for s in trainer.table.slots) >= 2, 5, f"{name}: the slots to come free")
             worst = max((len(r.getMessage()) for r in caplog.records if r.name.startswith("ws_gym")), default=0)
             assert worst < 20_000, f"a hostile peer made the trainer log a line of {worst} chars"
 
             real = cli_workers.start("--url", url, "--env", "CartPole-v1", "--num-envs", "2")
-            wait_until(lambda: pool.covered() == 2, 30, "the CLI worker to join")
-            left = max(pool.ready_timeout + 5 - (time.monotonic() - stuck_since), 0.1)
+            wait_until(lambda: trainer.table.covered() == 2, 30, "the CLI worker to join")
+            left = max(trainer.server.ready_timeout + 5 - (time.monotonic() - stuck_since), 0.1)
             assert bg.run(until_closed(stuck, left)) == []  # dropped, its slot free again
             bg.run(stuck.close())
 
             fake = FakeWorker(bg, url)
-            wait_until(lambda: pool.covered() == 3, 20, "the fake worker to join")
+            wait_until(lambda: trainer.table.covered() == 3, 20, "the fake worker to join")
             seed = 100
             lock.reset(seed)
             lock.step(3)

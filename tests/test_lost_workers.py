@@ -33,7 +33,7 @@ def wait_until(pred, timeout: float, what: str) -> float:
 
 
 def holes(envs) -> list[tuple[int, int]]:
-    return [(a, b) for a, b, w in envs._trainer.pool.layout() if w is None]
+    return [(a, b) for a, b, w in envs._trainer.layout() if w is None]
 
 
 def step_until(envs, actions, pred, timeout: float, what: str):
@@ -59,7 +59,7 @@ def test_wait_mode_truncates_lost_envs_and_a_new_worker_takes_over(cli_workers, 
             obs, *_ = envs.step(zeros)
         assert obs[:, 0].tolist() == [3, 3, 3, 3]
         # which worker serves envs 2..3?
-        victim = next(p for p in workers if envs._trainer.pool._slots[2].name.endswith(f":{p.pid}"))
+        victim = next(p for p in workers if envs._trainer.table.slots[2].name.endswith(f":{p.pid}"))
         victim.kill()
         victim.wait(timeout=10)
         for k in range(3):  # full batches; the lost envs end (again) as truncated, last obs kept
@@ -198,7 +198,7 @@ def test_a_worker_refused_as_busy_retries(cli_workers):
     from ws_gym import protocol as P
 
     envs = ws_gym.RemoteVectorEnv(1, env_id=COUNTER, port=0, connect_timeout=60)
-    envs._trainer.pool.ready_timeout = 2.0  # how long a welcomed client may hold its slots
+    envs._trainer.server.ready_timeout = 2.0  # how long a welcomed client may hold its slots
     welcomed, release = threading.Event(), threading.Event()
 
     async def stuck() -> None:
@@ -349,10 +349,10 @@ def test_a_returning_worker_replaces_its_stale_connection_at_once():
         first, welcome = hand.run(hand.join(num_envs=2))
         other, _ = hand.run(hand.join(num_envs=2))
         assert welcome.worker_id and welcome.first_index in (0, 2)
-        pool = envs._trainer.pool
-        wait_until(lambda: pool.covered() == 4, 10, "both connections")
-        stale = pool._slots[welcome.first_index]
-        call = pool.submit([(stale, "call", {"name": "spec", "args": [], "kwargs": {}})])  # never answered
+        trainer = envs._trainer
+        wait_until(lambda: trainer.table.covered() == 4, 10, "both connections")
+        stale = trainer.table.slots[welcome.first_index]
+        call = trainer.submit([(stale, "call", {"name": "spec", "args": [], "kwargs": {}})])  # never answered
         # a newcomer without the id is "not needed", and told so for good
         _, refusal = hand.run(hand.join(num_envs=2))
         assert "not needed" in refusal["reason"] and refusal["retry"] is False
@@ -362,9 +362,9 @@ def test_a_returning_worker_replaces_its_stale_connection_at_once():
         assert time.monotonic() - t0 < 5
         assert (rewelcome.worker_id, rewelcome.first_index) == (welcome.worker_id, welcome.first_index)
         with pytest.raises(ws_gym.WorkerLostError, match="dialed in again"):
-            pool.wait(call, 5)  # what the stale connection owed fails at once
-        assert not stale.alive and pool._slots[welcome.first_index] is not stale
-        assert pool.covered() == 4
+            trainer.wait(call, 5)  # what the stale connection owed fails at once
+        assert not stale.alive and trainer.table.slots[welcome.first_index] is not stale
+        assert trainer.table.covered() == 4
         # with every env served, a returning worker is refused for now, not for good
         _, refusal = hand.run(hand.join(worker_id="f" * 32, num_envs=2))
         assert "not needed" in refusal["reason"] and refusal["retry"] is True
@@ -388,10 +388,10 @@ def test_raise_mode_a_new_worker_after_a_loss_means_worker_lost_not_reset_needed
         envs.step(action)
         first.kill()
         first.wait(timeout=10)
-        pool = envs._trainer.pool
-        wait_until(lambda: pool.covered() == 0, 10, "the loss")
+        trainer = envs._trainer
+        wait_until(lambda: trainer.table.covered() == 0, 10, "the loss")
         cli_workers.start("--url", envs.url, "--env", COUNTER, "--num-envs", "2")
-        wait_until(lambda: pool.covered() == (1 if single else 2), 30, "the new worker")
+        wait_until(lambda: trainer.table.covered() == (1 if single else 2), 30, "the new worker")
         for _ in range(2):  # until reset(), as any lost worker
             with pytest.raises(ws_gym.WorkerLostError, match="call reset"):
                 envs.step(action)
@@ -408,7 +408,7 @@ def test_step_timeout_names_only_the_workers_that_did_not_answer(cli_workers):
         for name in ("slowpc", "quickpc"):
             cli_workers.start("--url", envs.url, "--env", COUNTER, "--name", name)
         envs.reset(seed=0)
-        slow = envs._trainer.pool._slots[0].name
+        slow = envs._trainer.table.slots[0].name
         with pytest.raises(ws_gym.StepTimeoutError) as info:
             envs.step(np.array([3, 0]))  # env 0 takes 3 s
         assert f"worker {slow} " in str(info.value)
@@ -428,14 +428,14 @@ def test_wait_mode_first_reset_waits_for_a_replacement_of_a_worker_lost_during_i
                                   connect_timeout=60)
     try:
         procs = [cli_workers.start("--url", envs.url, "--env", COUNTER, "--num-envs", "2") for _ in range(2)]
-        pool = envs._trainer.pool
-        wait_until(lambda: pool.covered() == 4, 30, "both workers")
-        victim = next(p for p in procs if pool._slots[0].name.endswith(f":{p.pid}"))
+        trainer = envs._trainer
+        wait_until(lambda: trainer.table.covered() == 4, 30, "both workers")
+        victim = next(p for p in procs if trainer.table.slots[0].name.endswith(f":{p.pid}"))
         os.kill(victim.pid, signal.SIGSTOP)  # its reset stays in flight
         result = {}
         thread = threading.Thread(target=lambda: result.update(r=envs.reset(seed=3)), daemon=True)
         thread.start()
-        wait_until(lambda: pool._slots[0] is not None and pool._slots[0].pending, 10, "the reset in flight")
+        wait_until(lambda: trainer.table.slots[0] is not None and trainer.table.slots[0].pending, 10, "the reset in flight")
         victim.kill()
         victim.wait(timeout=10)
         cli_workers.start("--url", envs.url, "--env", COUNTER, "--num-envs", "2")

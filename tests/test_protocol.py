@@ -13,7 +13,7 @@ from ws_gym.errors import ProtocolError, RemoteEnvError
 
 
 def wire(body):
-    """A body as the peer receives it: through the codec (strict, as the pool sends)."""
+    """A body as the peer receives it: through the codec (strict, as the trainer sends)."""
     return codec.decode(codec.encode("x", 1, body, strict=True)).body
 
 

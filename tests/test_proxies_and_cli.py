@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 import ws_gym
+from ws_gym.config import Transport
 from ws_gym import codec
 from ws_gym import protocol as P
 from ws_gym.errors import ConnectTimeoutError, WsGymError
@@ -184,7 +185,7 @@ def relay():
 
 
 def behind(relay: Relay, envs):
-    relay.upstream = f"http://127.0.0.1:{envs._trainer.pool.port}"
+    relay.upstream = f"http://127.0.0.1:{envs._trainer.server.port}"
     return envs
 
 
@@ -230,7 +231,7 @@ def test_a_proxied_connection_to_a_trainer_without_token_gets_403(caplog):
             # the same client without a proxy's headers is let in (loopback, no token)
             status, _ = asyncio.run(upgrade_status(envs.url, {}))
             assert status == 101
-        assert envs._trainer.pool.covered() == 0
+        assert envs._trainer.table.covered() == 0
     finally:
         envs.close()
 
@@ -250,9 +251,9 @@ def test_a_proxied_worker_with_a_token_is_admitted_and_shown_by_its_client(caplo
                 start()
                 joins.append(join)
             check_steps(envs)
-            peers = {conn.peer for conn in envs._trainer.pool.serving()}
+            peers = {conn.peer for conn in envs._trainer.serving()}
             assert peers == {peer for _, peer in clients}, peers
-            for conn in envs._trainer.pool.serving():
+            for conn in envs._trainer.serving():
                 assert f"({conn.peer}, envs " in conn.origin
             for _, peer in clients:
                 assert f"({peer}, envs " in caplog.text and "joined" in caplog.text, caplog.text
@@ -282,7 +283,7 @@ def test_a_cli_worker_through_a_reverse_proxy(cli_workers, relay, caplog, capsys
                                     env={TOKEN_ENV: envs.token})
         with caplog.at_level(logging.INFO, logger="ws_gym"):
             check_steps(envs)
-        (conn,) = envs._trainer.pool.serving()
+        (conn,) = envs._trainer.serving()
         assert conn.peer == "127.0.0.1 via proxy 127.0.0.1"
         assert "worker " in caplog.text and "(127.0.0.1 via proxy 127.0.0.1, envs 0..2) joined" in caplog.text
         # the proxy's path prefix left out: the relay's own 404, and the worker stops at once
@@ -328,7 +329,7 @@ def test_token_off_on_purpose_lets_proxied_connections_in(caplog):
     try:
         assert envs.token is None and not envs._trainer.token_generated
         assert f"token='' with public_url={PUBLIC}" in caplog.text
-        status, _ = asyncio.run(upgrade_status(envs._trainer.pool.local_url, {"X-Forwarded-For": "203.0.113.7"}))
+        status, _ = asyncio.run(upgrade_status(envs._trainer.server.local_url, {"X-Forwarded-For": "203.0.113.7"}))
         assert status == 101
     finally:
         envs.close()
@@ -341,15 +342,15 @@ def test_public_url_is_what_workers_are_told(caplog, capsys):
     with caplog.at_level(logging.INFO, logger="ws_gym"):
         envs = ws_gym.RemoteVectorEnv(1, env_id=ENV, port=0, public_url=PUBLIC, connect_timeout=1)
     try:
-        pool = envs._trainer.pool
+        trainer = envs._trainer
         assert envs.url == PUBLIC and envs._trainer.public_url == PUBLIC
-        assert pool.local_url == f"ws://127.0.0.1:{pool.port}/ws"
+        assert trainer.server.local_url == f"ws://127.0.0.1:{trainer.server.port}/ws"
         token = envs.token  # generated even on loopback: PCs come through the proxy
         assert isinstance(token, str) and len(token) >= 40 and envs._trainer.token_generated
         command = envs._trainer.worker_command()
         assert command == f"{TOKEN_ENV}={token} python -m ws_gym.worker --url {PUBLIC} --env {ENV} --num-envs K"
         text = said(caplog, capsys)
-        assert f"listening on ws://127.0.0.1:{pool.port}/ws (workers dial {PUBLIC})" in text, text
+        assert f"listening on ws://127.0.0.1:{trainer.server.port}/ws (workers dial {PUBLIC})" in text, text
         assert command in text
         with caplog.at_level(logging.INFO, logger="ws_gym"), pytest.raises(ConnectTimeoutError, match=PUBLIC):
             envs.reset(seed=0)  # nobody dials: connect_timeout=1 passes
@@ -417,11 +418,11 @@ def _has_ipv6_loopback() -> bool:
 def test_an_ipv6_host_in_brackets(cli_workers, host):
     envs = ws_gym.RemoteVectorEnv(2, env_id=ENV, host=host, port=0, connect_timeout=60)
     try:
-        port = envs._trainer.pool.port
+        port = envs._trainer.server.port
         assert envs.url == f"ws://[::1]:{port}/ws" and envs.token is None  # loopback: no token
         worker = cli_workers.start("--url", envs.url, "--env", ENV, "--num-envs", "2")
         check_steps(envs)
-        assert [c.peer for c in envs._trainer.pool.serving()] == ["::1"]
+        assert [c.peer for c in envs._trainer.serving()] == ["::1"]
     finally:
         envs.close()
     assert cli_workers.finish(worker)[0] == EXIT_OK
@@ -429,12 +430,12 @@ def test_an_ipv6_host_in_brackets(cli_workers, host):
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
 def test_local_workers_on_an_ipv6_host(monkeypatch):
-    monkeypatch.setenv("WS_GYM_UNIX", "0")  # local workers dial [::1] over TCP, not a Unix socket
-    envs = ws_gym.RemoteVectorEnv(2, env_id=ENV, host="[::1]", port=0, local_workers=1, connect_timeout=60)
+    envs = ws_gym.RemoteVectorEnv(2, env_id=ENV, host="[::1]", port=0, local_workers=1, connect_timeout=60,
+                                  transport=Transport(unix=False))  # local workers dial [::1] over TCP
     try:
-        assert envs._trainer.pool.local_url == f"ws://[::1]:{envs._trainer.pool.port}/ws"
+        assert envs._trainer.server.local_url == f"ws://[::1]:{envs._trainer.server.port}/ws"
         check_steps(envs)
-        assert [c.peer for c in envs._trainer.pool.serving()] == ["::1"]
+        assert [c.peer for c in envs._trainer.serving()] == ["::1"]
     finally:
         envs.close()
 
@@ -445,7 +446,7 @@ def test_local_workers_on_an_ipv6_host(monkeypatch):
 def test_a_wrong_path_ends_the_worker_at_once(cli_workers):
     envs = ws_gym.RemoteVectorEnv(1, env_id=ENV, port=0, connect_timeout=30)
     try:
-        wrong = f"ws://127.0.0.1:{envs._trainer.pool.port}/wrong"
+        wrong = f"ws://127.0.0.1:{envs._trainer.server.port}/wrong"
         worker = cli_workers.start("--url", wrong, "--env", ENV)  # no --retry-timeout: it would retry for ever
         code, out = cli_workers.finish(worker, timeout=30)
         assert code == EXIT_NOT_FOUND == 6, out
@@ -457,7 +458,7 @@ def test_a_wrong_path_ends_the_worker_at_once(cli_workers):
 
 def test_local_workers_do_not_restart_a_worker_that_found_no_endpoint():
     envs = ws_gym.RemoteVectorEnv(1, env_id=ENV, port=0, connect_timeout=30)
-    group = LocalWorkers(f"ws://127.0.0.1:{envs._trainer.pool.port}/wrong", [1])
+    group = LocalWorkers(f"ws://127.0.0.1:{envs._trainer.server.port}/wrong", [1])
     try:
         proc = group.procs[0]
         assert proc.wait(timeout=30) == EXIT_NOT_FOUND

@@ -136,7 +136,7 @@ def test_wss_untrusted_certificate_ends_the_worker(cert, other_cert, cli_workers
         code, out = cli_workers.finish(worker, timeout=30)
         assert code == EXIT_UNTRUSTED, out
         assert "certificate" in out and "failed verification" in out and "--cafile" in out, out
-        assert envs._trainer.pool.covered() == 0
+        assert envs._trainer.table.covered() == 0
     finally:
         envs.close()
 
@@ -228,8 +228,8 @@ def test_non_loopback_trainer_generates_a_token(cli_workers, caplog, capsys):
         assert isinstance(token, str) and len(token) >= 40
         said = log_text(caplog, capsys)
         assert f"{TOKEN_ENV}={token} python -m ws_gym.worker --url ws://" in said, said
-        assert f":{envs._trainer.pool.port}/ws --env {ENV}" in said, said
-        url = envs._trainer.pool.local_url  # ws://127.0.0.1:PORT/ws: we only ever dial loopback
+        assert f":{envs._trainer.server.port}/ws --env {ENV}" in said, said
+        url = envs._trainer.server.local_url  # ws://127.0.0.1:PORT/ws: we only ever dial loopback
         assert url.startswith("ws://127.0.0.1:")
 
         none = cli_workers.start("--url", url, env={TOKEN_ENV: ""})
@@ -249,7 +249,7 @@ def test_non_loopback_trainer_generates_a_token(cli_workers, caplog, capsys):
 def test_generated_token_reaches_local_workers():
     envs = ws_gym.RemoteVectorEnv(2, env_id=ENV, host="0.0.0.0", port=0, local_workers=1, connect_timeout=30)
     try:
-        assert envs.token and envs._trainer.pool.token == envs.token
+        assert envs.token and envs._trainer.server.token == envs.token
         check_steps(envs, 2)
     finally:
         envs.close()
@@ -258,7 +258,7 @@ def test_generated_token_reaches_local_workers():
 def test_when_a_token_is_generated(caplog):
     loopback = ws_gym.RemoteVectorEnv(1, env_id=ENV, port=0)
     try:
-        assert loopback.token is None and loopback._trainer.pool.token is None
+        assert loopback.token is None and loopback._trainer.server.token is None
         assert TOKEN_ENV not in loopback._trainer.worker_command()
     finally:
         loopback.close()
@@ -272,13 +272,13 @@ def test_when_a_token_is_generated(caplog):
     with caplog.at_level(logging.WARNING, logger="ws_gym"):
         opted_out = ws_gym.RemoteVectorEnv(1, env_id=ENV, host="0.0.0.0", port=0, token="")
     try:
-        assert opted_out.token is None and opted_out._trainer.pool.token is None
+        assert opted_out.token is None and opted_out._trainer.server.token is None
         assert "token=''" in caplog.text
     finally:
         opted_out.close()
     single = ws_gym.RemoteEnv(env_id=ENV, host="0.0.0.0", port=0)
     try:
-        assert single.token and single._trainer.pool.token == single.token
+        assert single.token and single._trainer.server.token == single.token
     finally:
         single.close()
 
@@ -331,7 +331,7 @@ def test_handshake_timeout(caplog):
         assert kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert waited < 5  # handshake_timeout=0.3, not the default 10 s
         assert "did not finish its handshake in time" in caplog.text
-        assert envs._trainer.pool._pending_handshakes == 0
+        assert envs._trainer.server._pending_handshakes == 0
     finally:
         envs.close()
     with pytest.raises(ValueError, match="handshake_timeout"):

@@ -35,7 +35,7 @@ def test_ctrl_c_on_a_worker_exits_cleanly(cli_workers):
         assert "Traceback" not in out, out
         assert "interrupted" in out
         with pytest.raises(ws_gym.WorkerLostError):
-            wait_until(lambda: envs._trainer.pool.covered() < 2, 10, "the trainer to see the worker go")
+            wait_until(lambda: envs._trainer.table.covered() < 2, 10, "the trainer to see the worker go")
             envs.step(np.zeros(2, dtype=np.int64))
     finally:
         envs.close()

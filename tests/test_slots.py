@@ -1,32 +1,27 @@
 """SlotTable, which worker serves which envs: no sockets, no loop.
 
-``Conn`` stands in for a worker connection: the table reads only its run
-(``start``, ``count``) and whether it is ``active``.
+The connections are plain ``WorkerConn`` records, with no socket behind them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-
 import pytest
 
+from ws_gym.connection import WorkerConn, WorkerState
 from ws_gym.errors import ConnectTimeoutError, WorkerLostError
 from ws_gym.slots import SlotTable, env_ranges
 
 URL = "ws://127.0.0.1:8765/ws"
 
 
-@dataclass(eq=False)
-class Conn:
-    start: int
-    count: int
-    active: bool = False
+def Conn(start: int, count: int) -> WorkerConn:
+    return WorkerConn(start, f"w{start}", "127.0.0.1", start, count)
 
 
-def admit(table: SlotTable, wanted: int, prefer: tuple[int, int] | None = None, *, active: bool = True) -> Conn:
-    """What the pool does with a hello: take a free run (at most ``wanted`` envs)."""
+def admit(table: SlotTable, wanted: int, prefer: tuple[int, int] | None = None, *, active: bool = True) -> WorkerConn:
+    """What the admission does with a hello: take a free run (at most ``wanted`` envs)."""
     with table.cond:
         start, run = table.free_run(prefer)
         assert run, "no free run"
@@ -79,7 +74,7 @@ def test_a_worker_still_starting_holds_its_slots():
 def test_layout_shows_holes_where_no_active_worker_serves():
     table = SlotTable(7)
     a, b, c = admit(table, 2), admit(table, 3), admit(table, 2)
-    b.active = False  # lost: inactive before its slots are freed
+    b.state = WorkerState.LOST  # lost: inactive before its slots are freed
     table.changed()
     assert table.layout() == [(0, 2, a), (2, 5, None), (5, 7, c)]
     table.release(b)
@@ -94,7 +89,7 @@ def test_serving_raises_naming_the_envs_without_a_worker_and_the_last_event():
         table.serving()
     a, b, c = admit(table, 2), admit(table, 2), admit(table, 2)
     assert table.serving() == [a, b, c]
-    b.active = False
+    b.state = WorkerState.LOST
     table.changed()
     table.release(b)
     table.note("worker B (10.0.0.2, envs 2..3) disconnected")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import ws_gym  # noqa: F401  (registers ws_gym/Remote-v0)
+from ws_gym.config import Transport
 from ws_gym import frames as F
 from ws_gym import loops
 from ws_gym.wire import FrameConnection
@@ -217,20 +218,19 @@ async def _call(fn, *args):
 def test_big_compact_frames_through_workers_equal_sync_vector_env(monkeypatch):
     """Observations of 36 KB per worker and step go compact, the workers sending
     them in pieces; each step's frames differ, so a stale or torn buffer shows."""
-    monkeypatch.setenv("WS_GYM_COMPACT", "1")
     from .conftest import assert_same
 
     ref = gym.make_vec("tests.envs:Frames-v0", 6, vectorization_mode="sync", shape=(64, 64, 3))
     envs = gym.make_vec("ws_gym/Remote-v0", num_envs=6, env_id="tests.envs:Frames-v0", port=0,
-                        local_workers=2, env_kwargs={"shape": [64, 64, 3]})
+                        local_workers=2, env_kwargs={"shape": [64, 64, 3]}, transport=Transport())
     try:
         assert_same(envs.reset(seed=2), ref.reset(seed=2))
-        conns = envs.unwrapped._trainer.pool.serving()
-        assert all(c.compact is not None and c.compact.big for c in conns)
+        conns = envs.unwrapped._trainer.serving()
+        assert all(c.codec.layout is not None and c.codec.layout.big for c in conns)
         copied = []
         for conn in conns:
-            real = conn.compact.copy_reply
-            conn.compact.copy_reply = lambda *a, real=real: copied.append(1) or real(*a)
+            real = conn.codec.layout.copy_reply
+            conn.codec.layout.copy_reply = lambda *a, real=real: copied.append(1) or real(*a)
         rng = np.random.default_rng(3)
         for _ in range(40):
             actions = rng.integers(0, 256, 6)

@@ -304,7 +304,7 @@ def test_step_timeout_bounds_a_call():
 
 def test_unencodable_info_arrives_as_repr_with_one_warning():
     envs = ws_gym.RemoteVectorEnv(1, env_id="tests.envs:Fancy-v0", port=0, local_workers=1)
-    ws_gym.vector._warned_types.discard("Opaque")
+    ws_gym.batching._warned_types.discard("Opaque")
     try:
         envs.reset(seed=0)
         seen = []

@@ -36,11 +36,13 @@ import numpy as np
 from gymnasium import spaces as gs
 from gymnasium.vector.utils import batch_space
 
+from . import codec
+from . import protocol as P
 from .codec import array_bytes
 from .errors import ProtocolError
 from .spaces import schema_to_space
 
-__all__ = ["REQUEST", "REPLY", "StepLayout", "layout_for"]
+__all__ = ["REQUEST", "REPLY", "StepCodec", "StepLayout", "layout_for"]
 
 REQUEST = b"WSs\xf7"
 REPLY = b"WSr\xf7"
@@ -220,6 +222,57 @@ class StepLayout:
         if tag != self.tag:
             raise ProtocolError(f"a compact step frame for another layout (tag {tag:#010x}, expected {self.tag:#010x})")
         return req_id
+
+
+class StepCodec:
+    """One worker connection's messages on the trainer's side: ``step``
+    requests and their replies in the compact layout where the handshake
+    agreed on one (and a message fits it exactly), everything else by the codec.
+
+    The rest of the trainer never sees a compact frame: :meth:`decode` says
+    whether a reply is one, and :meth:`reply_body` / :meth:`copy_reply` read it.
+    """
+
+    __slots__ = ("layout",)
+
+    def __init__(self, layout: "StepLayout | None" = None) -> None:
+        self.layout = layout
+
+    def encode(self, kind: str, req_id: int, body: Any) -> bytes:
+        """A request frame; strict: an argument with no wire form raises ``codec.EncodeError``."""
+        layout = self.layout
+        if layout is not None and kind == P.STEP:
+            frame = layout.encode_request(req_id, body["a"])
+            if frame is not None:
+                return frame
+        return codec.encode(kind, req_id, body, strict=True)
+
+    def decode(self, data: Any) -> tuple[int, str, Any, bool]:
+        """``(request id, kind, body, compact)`` of a reply; ProtocolError for a
+        malformed one. A compact reply (checked whole) comes as its frame:
+        :meth:`reply_body` or :meth:`copy_reply` read it."""
+        layout = self.layout
+        if layout is not None and data[:4] == REPLY:
+            return layout.reply_id(data), P.OK, data, True
+        reply = codec.decode(data)
+        return reply.id, reply.kind, reply.body, False
+
+    def reply_body(self, frame: Any) -> dict:
+        """A compact reply's body, as the codec would give it (read-only views)."""
+        assert self.layout is not None
+        return self.layout.reply_body(frame)
+
+    def byte_views(self, obs: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
+                   truncated: np.ndarray) -> tuple[memoryview, ...]:
+        """A step batch's arrays as flat bytes, for :meth:`copy_reply`."""
+        assert self.layout is not None
+        return self.layout.byte_views(obs, rewards, terminated, truncated)
+
+    def copy_reply(self, frame: Any, views: tuple[memoryview, ...], row: int) -> None:
+        """Copy a compact vector reply into rows ``row:`` of a step batch (see
+        :meth:`StepLayout.copy_reply`)."""
+        assert self.layout is not None
+        self.layout.copy_reply(frame, views, row)
 
 
 def _bytes(arr: np.ndarray) -> memoryview:

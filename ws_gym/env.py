@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 import gymnasium as gym
@@ -12,8 +11,11 @@ from gymnasium.vector import AutoresetMode
 from . import protocol as P
 from .errors import ProtocolError, WorkerLostError
 from .calls import LOST
+from .config import RemoteConfig
+from .connection import WorkerConn
 from .trainer import Trainer
-from .vector import LOST_KEY, own
+from .batching import own
+from .wait_mode import LOST_KEY
 
 __all__ = ["RemoteEnv"]
 
@@ -31,56 +33,33 @@ class RemoteEnv(gym.Env):
     so results equal those of ``gym.make(env_id)`` in process.
     """
 
-    def __init__(
-        self,
-        env_id: str | None = None,
-        env_kwargs: dict | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 8765,
-        token: str | None = None,
-        local_workers: int = 0,
-        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-        connect_timeout: float = 120.0,
-        step_timeout: float | None = 60.0,
-        max_episode_steps: int | None = None,
-        render_mode: str | None = None,
-        max_msg_size: int = 256 * 1024 * 1024,
-        record_episode_statistics: bool = False,
-        ssl_context: ssl.SSLContext | None = None,
-        certfile: str | None = None,
-        keyfile: str | None = None,
-        max_pending_handshakes: int = 64,
-        handshake_timeout: float = 10.0,
-        worker_vectorization: str = "sync",
-        heartbeat: float | None = 10.0,
-        on_worker_lost: str = "raise",
-        busy_poll: bool | None = None,
-        public_url: str | None = None,
-    ) -> None:
-        # autoreset_mode and worker_vectorization are accepted for a uniform signature: a single
-        # env never autoresets, and a worker runs it in its own process whatever its vectorization.
-        env_kwargs = dict(env_kwargs or {})
-        if render_mode is not None:
-            env_kwargs["render_mode"] = render_mode
-        self._trainer = Trainer(
-            num_envs=1, mode=P.MODE_SINGLE, env_id=env_id, env_kwargs=env_kwargs,
-            host=host, port=port, token=token, local_workers=local_workers,
-            autoreset_mode=AutoresetMode.NEXT_STEP, connect_timeout=connect_timeout,
-            step_timeout=step_timeout, max_episode_steps=max_episode_steps,
-            max_msg_size=max_msg_size, record_episode_statistics=record_episode_statistics,
-            ssl_context=ssl_context, certfile=certfile, keyfile=keyfile,
-            max_pending_handshakes=max_pending_handshakes, handshake_timeout=handshake_timeout,
-            worker_vectorization=worker_vectorization, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
-            busy_poll=busy_poll, public_url=public_url,
-        )
+    def __init__(self, env_id: str | None = None, env_kwargs: dict | None = None, **options: Any) -> None:
+        """Start the trainer's server (and a local worker); no worker is waited for yet.
+
+        Args:
+            env_id: the Gymnasium id the worker makes (``None``: the first worker's).
+            env_kwargs: keyword arguments for ``gym.make`` in the worker.
+            **options: the options of :class:`ws_gym.config.RemoteConfig`, as for
+                ``RemoteVectorEnv`` (``autoreset_mode`` and ``worker_vectorization``
+                are accepted and change nothing: a single env never autoresets, and
+                its worker runs it in its own process).
+
+        Raises:
+            TypeError: an option that does not exist, or of the wrong type.
+            ValueError: an option out of range.
+            OSError: the port cannot be listened on.
+        """
+        config = RemoteConfig.from_options({"env_id": env_id, "env_kwargs": env_kwargs, **options},
+                                           type(self).__name__)
+        config.autoreset_mode = AutoresetMode.NEXT_STEP
+        self._trainer = Trainer(config, num_envs=1, mode=P.MODE_SINGLE)
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)
-        self._render_mode = render_mode
+        self._render_mode = config.render_mode
         self._closed = False
         self._loaded = False
         self._last_obs: Any = None  # as received; kept for on_worker_lost="wait"
-        if self._trainer.pool.expect.ready is not None or local_workers:
+        if self._trainer.spaces_known or config.local_workers:
             try:
                 self._load()
             except BaseException:
@@ -115,10 +94,10 @@ class RemoteEnv(gym.Env):
         if self._closed:
             raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
 
-    def _worker(self):
+    def _worker(self) -> WorkerConn:
         self._check_open()
         self._trainer.wait_workers()
-        return self._trainer.pool.serving()[0]
+        return self._trainer.serving()[0]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         self._check_open()
@@ -145,14 +124,14 @@ class RemoteEnv(gym.Env):
         self._check_open()
         trainer = self._trainer
         if trainer.wait_mode:  # a lost worker ends the episode as truncated; reset() waits for a new one
-            worker = trainer.pool.layout()[0][2]
+            worker = trainer.layout()[0][2]
             if worker is None or worker.fresh or self._last_obs is None:
                 return self._lost()
             (reply,) = trainer.wait(trainer.submit([(worker, P.STEP, {"a": action})], tolerant=True))
             if reply is LOST:
                 return self._lost()
         else:
-            worker = trainer.pool.serving()[0]
+            worker = trainer.serving()[0]
             if worker.fresh and self._last_obs is not None:  # envs a new worker brings are not reset
                 raise WorkerLostError(f"the env lost its worker since the last reset(); {worker.origin} "
                                       "serves it now with a new env: call reset()")

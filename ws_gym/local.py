@@ -38,8 +38,10 @@ class LocalWorkers:
     def __init__(
         self, url: str, counts: list[int], *, token: str | None = None, cert_fingerprint: str | None = None,
         vectorization: str = "sync", unix_socket: str | None = None, busy_poll: float = 0.0,
+        environment: dict[str, str] | None = None,
     ) -> None:
         env = dict(os.environ)
+        env.update(environment or {})  # the trainer's transport choices (see Transport.worker_environment)
         # The children import what the trainer can import (user env modules too).
         paths = [p for p in sys.path if p]
         if env.get("PYTHONPATH"):

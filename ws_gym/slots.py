@@ -2,8 +2,9 @@
 
 Every env index is a slot, held by at most one connection; a connection holds
 one contiguous run (``start``, ``count``) from its admission until it is
-released, and serves it once ``active``. The table only reads ``start``,
-``count`` and ``active`` of a connection, so it is tested without sockets.
+released, and serves it once ``active``. The table reads only ``start``,
+``count`` and ``active`` of a connection and sets its ``state`` once, so it is
+tested without sockets.
 
 Threads: the loop thread admits, activates and releases connections; the
 caller's thread reads the table (:meth:`SlotTable.serving` on every step,
@@ -20,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from .connection import WorkerState
 from .errors import ConnectTimeoutError, WorkerLostError
 
 
@@ -73,7 +75,7 @@ class SlotTable:
     def activate(self, conn: Any) -> None:
         """``conn`` serves its run from now on; waiters are woken."""
         with self.cond:
-            conn.active = True
+            conn.state = WorkerState.ACTIVE
             self.version += 1
             self.cond.notify_all()
 

@@ -1,7 +1,8 @@
 """What RemoteVectorEnv and RemoteEnv share: the server, local workers, waiting.
 
-A :class:`Trainer` owns one :class:`~ws_gym.pool.WorkerPool` and, with
-``local_workers``, the worker processes it started. It learns the env's spaces
+A :class:`Trainer` owns one :class:`~ws_gym.server.Server` (and through it the
+slot table and the call book) and, with ``local_workers``, the worker
+processes it started. It learns the env's spaces
 either by making the env once locally (when its id is registered here) or from
 the first worker's handshake.
 """
@@ -21,20 +22,21 @@ import tempfile
 import time
 import weakref
 from typing import Any
-from urllib.parse import urlsplit
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
-from . import codec, loops
+from . import codec
 from . import protocol as P
-from .config import Transport, CALLER_POLL, WORKER_POLL, busy_poll_wanted, usable_cpus  # noqa: F401
-from .addresses import certificate_fingerprint, format_url, is_loopback, loopback_for, plain_host
-from .errors import WsGymError
-from .host import check_vectorization
+from .addresses import certificate_fingerprint, format_url, is_loopback, loopback_for
+from .admission import Expectation
+from .calls import Call
+from .config import CALLER_POLL, WORKER_POLL, RemoteConfig, Transport
+from .connection import WorkerConn
+from .errors import ConnectTimeoutError, WsGymError
 from .local import LocalWorkers, split_envs
-from .pool import Expectation, WorkerPool
-from .spaces import schema_to_space, space_to_schema
+from .server import Server
+from .spaces import jsonable_metadata, schema_to_space, space_to_schema
 
 log = logging.getLogger("ws_gym")
 
@@ -80,36 +82,6 @@ def server_ssl_context(
     return ctx
 
 
-def check_public_url(url: str | None) -> str | None:
-    """``public_url`` as given, once it is a ``ws://`` or ``wss://`` URL with a host."""
-    if url is None:
-        return None
-    if not isinstance(url, str):
-        raise TypeError(f"public_url must be a string or None, got {type(url).__name__}")
-    hint = ("public_url must be the ws:// or wss:// URL the PCs dial, with a host, e.g. "
-            f"wss://trainer.example/ws-gym/ws; got {url!r}")
-    if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
-        raise ValueError(hint)
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
-    except ValueError:
-        raise ValueError(hint) from None
-    if parts.scheme.lower() not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(hint)
-    return url
-
-
-def autoreset_value(mode: AutoresetMode | str) -> AutoresetMode:
-    try:
-        return mode if isinstance(mode, AutoresetMode) else AutoresetMode(mode)
-    except ValueError:
-        raise ValueError(
-            f"autoreset_mode must be an AutoresetMode or one of "
-            f"{[m.value for m in AutoresetMode]}, got {mode!r}"
-        ) from None
-
-
 def probe(env_id: str | None, env_kwargs: dict, max_episode_steps: int | None) -> P.Ready | None:
     """Make the env once here to learn its spaces, if its id is registered here."""
     if env_id is None:
@@ -130,73 +102,29 @@ def probe(env_id: str | None, env_kwargs: dict, max_episode_steps: int | None) -
         log.debug("could not make %s locally to read its spaces (%r); asking the workers", env_id, exc)
         return None
     try:
-        from .host import _jsonable_metadata
-
         return P.Ready(
             space_to_schema(env.observation_space),
             space_to_schema(env.action_space),
             env.render_mode,
-            _jsonable_metadata(env.metadata),
+            jsonable_metadata(env.metadata),
         )
     finally:
         env.close()
 
 
 class Trainer:
-    """Server + local workers + the spaces every worker must match."""
+    """Server + local workers + the spaces every worker must match.
 
-    def __init__(
-        self,
-        *,
-        num_envs: int,
-        mode: str,
-        env_id: str | None,
-        env_kwargs: dict | None,
-        host: str,
-        port: int,
-        token: str | None,
-        local_workers: int,
-        autoreset_mode: AutoresetMode,
-        connect_timeout: float,
-        step_timeout: float | None,
-        max_episode_steps: int | None,
-        max_msg_size: int,
-        record_episode_statistics: bool = False,
-        ssl_context: ssl.SSLContext | None = None,
-        certfile: str | None = None,
-        keyfile: str | None = None,
-        max_pending_handshakes: int = 64,
-        handshake_timeout: float = 10.0,
-        worker_vectorization: str = "sync",
-        heartbeat: float | None = 10.0,
-        on_worker_lost: str = "raise",
-        busy_poll: bool | None = None,
-        public_url: str | None = None,
-    ) -> None:
-        public_url = check_public_url(public_url)
-        host = plain_host(host)  # an IPv6 address may come written as in URLs ("[::1]")
-        if env_id is not None and not isinstance(env_id, str):
-            raise TypeError(f"env_id must be a string or None, got {type(env_id).__name__}")
-        if env_kwargs is not None and not isinstance(env_kwargs, dict):
-            raise TypeError("env_kwargs must be a dict")
-        if local_workers and env_id is None:
-            raise ValueError("local_workers needs env_id: the local workers host the env the trainer names")
-        if local_workers < 0:
-            raise ValueError("local_workers must be >= 0")
-        check_vectorization(worker_vectorization)
-        if on_worker_lost not in ("raise", "wait"):
-            raise ValueError(f'on_worker_lost must be "raise" or "wait", got {on_worker_lost!r}')
-        if heartbeat is not None and not heartbeat > 0:
-            raise ValueError(f"heartbeat must be a positive number of seconds or None, got {heartbeat!r}")
-        self.wait_mode = on_worker_lost == "wait"
-        for name, value in (("max_msg_size", max_msg_size), ("max_pending_handshakes", max_pending_handshakes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not handshake_timeout > 0:
-            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
-        if token is not None and not isinstance(token, str):
-            raise TypeError(f"token must be a string or None, got {type(token).__name__}")
-        server_ssl = server_ssl_context(ssl_context, certfile, keyfile)
+    The remote envs speak to their workers through it only: which workers
+    serve which envs (:meth:`serving`, :meth:`layout`), the calls
+    (:meth:`request`, :meth:`submit`, :meth:`wait`), the waits for workers
+    and spaces.
+    """
+
+    def __init__(self, config: RemoteConfig, *, num_envs: int, mode: str) -> None:
+        self.config = config
+        server_ssl = server_ssl_context(config.ssl_context, config.certfile, config.keyfile)
+        token, public_url, host = config.token, config.public_url, config.host
         self.token_generated = False
         tokens_off = token == ""  # no token on purpose: proxied connections are let in too
         if token is None and (not is_loopback(host) or public_url is not None):
@@ -212,46 +140,53 @@ class Trainer:
                 log.warning("token='' on %s: any machine that reaches the port may serve envs", host or "*")
             token = None
         self.token: str | None = token
-        counts = split_envs(num_envs, local_workers) if local_workers else []
+        counts = split_envs(num_envs, config.local_workers) if config.local_workers else []
         self.num_envs = num_envs
-        self.env_id = env_id
-        self.connect_timeout = float(connect_timeout)
-        self.step_timeout = None if step_timeout is None else float(step_timeout)
-        env_kwargs = dict(env_kwargs or {})
+        self.env_id = config.env_id
+        self.wait_mode = config.wait_mode
+        self.connect_timeout = config.connect_timeout
+        self.step_timeout = config.step_timeout
+        env_kwargs = dict(config.env_kwargs or {})
         try:  # they travel in the welcome message: fail here, not in a handshake
             codec.encode(P.WELCOME, 0, env_kwargs, strict=True)
         except codec.EncodeError as exc:
             raise TypeError(f"env_kwargs cannot be sent to workers: {exc}") from None
+        autoreset = config.autoreset_mode
+        assert isinstance(autoreset, AutoresetMode)  # RemoteConfig converted it
         expect = Expectation(
-            env_id=env_id,
+            env_id=config.env_id,
             env_kwargs=env_kwargs,
             mode=mode,
-            autoreset_mode=autoreset_mode.value,
-            max_episode_steps=max_episode_steps,
-            record_episode_statistics=bool(record_episode_statistics),
-            ready=probe(env_id, env_kwargs, max_episode_steps),
+            autoreset_mode=autoreset.value,
+            max_episode_steps=config.max_episode_steps,
+            record_episode_statistics=bool(config.record_episode_statistics),
+            ready=probe(config.env_id, env_kwargs, config.max_episode_steps),
         )
-        unix_path = self._unix_path(counts, server_ssl)
-        forced = Transport.from_environment().busy_poll
-        self.busy_poll = busy_poll_wanted(busy_poll if forced is None else forced, local_workers,
-                                          worker_vectorization, tls=server_ssl is not None)
+        chosen = config.transport if config.transport is not None else Transport.from_environment()
+        self.transport = transport = chosen.resolve(
+            tls=server_ssl is not None, local_workers=config.local_workers, busy_poll=config.busy_poll,
+            vectorization=config.worker_vectorization)
+        self.busy_poll = bool(transport.busy_poll)
+        self._unix_dir = tempfile.mkdtemp(prefix="ws_gym-") if transport.unix else None  # mode 0700
         try:
-            self.pool = WorkerPool(
-                num_envs=num_envs, expect=expect, host=host, port=port, token="" if tokens_off else token,
-                max_msg_size=max_msg_size, ready_timeout=max(self.connect_timeout, 10.0),
-                handshake_timeout=float(handshake_timeout), max_pending_handshakes=max_pending_handshakes,
-                ssl_context=server_ssl, heartbeat=heartbeat, on_worker_lost=on_worker_lost,
-                unix_path=unix_path, busy_poll=CALLER_POLL if self.busy_poll else 0.0,
+            self.server = Server(
+                num_envs=num_envs, expect=expect, transport=transport, host=host, port=config.port,
+                token="" if tokens_off else token, max_msg_size=config.max_msg_size,
+                ready_timeout=max(self.connect_timeout, 10.0), handshake_timeout=config.handshake_timeout,
+                max_pending_handshakes=config.max_pending_handshakes, ssl_context=server_ssl,
+                heartbeat=config.heartbeat, wait_mode=self.wait_mode,
+                unix_path=None if self._unix_dir is None else os.path.join(self._unix_dir, "trainer.sock"),
+                busy_poll=CALLER_POLL if self.busy_poll else 0.0,
             )
         except BaseException:
             if self._unix_dir is not None:
                 shutil.rmtree(self._unix_dir, ignore_errors=True)
             raise
+        self.calls = self.server.calls
+        self.table = self.server.table
         self.public_url = public_url
-        listening = self.pool.url
-        self.url = public_url or listening  # what workers dial (local workers: pool.local_url)
-        if public_url is not None:  # the pool's messages name it too ("workers connect to ...")
-            self.pool.url = public_url
+        listening = self.server.url
+        self.url = public_url or listening  # what workers dial (local workers: server.local_url)
         self.local: LocalWorkers | None = None
         self._next_local_check = 0.0
         self._waited = False
@@ -262,17 +197,50 @@ class Trainer:
                      f"on each PC run: {self.worker_command()} (K: the envs that PC hosts; "
                      f"{self.num_envs} in all)")
             if counts:
-                self.local = LocalWorkers(self.pool.local_url, counts, token=token, unix_socket=self.pool.unix_path,
+                self.local = LocalWorkers(self.server.local_url, counts, token=token,
+                                          unix_socket=self.server.unix_path,
                                           cert_fingerprint=self._own_fingerprint(),
-                                          vectorization=worker_vectorization,
-                                          busy_poll=WORKER_POLL if self.busy_poll else 0.0)
+                                          vectorization=config.worker_vectorization,
+                                          busy_poll=WORKER_POLL if self.busy_poll else 0.0,
+                                          environment=transport.worker_environment())
                 if self.wait_mode:  # keep replacing crashed local workers: training goes on
                     self.local.max_restarts = None
         except BaseException:
-            self.pool.close()
+            self.server.close()
             raise
         self._spaces: tuple | None = None
         _open.add(self)
+
+    # -- what the remote envs ask of their workers
+
+    @property
+    def spaces_known(self) -> bool:
+        """Whether the env's spaces are known without waiting for a worker."""
+        return self.server.expect.ready is not None
+
+    def serving(self) -> list[WorkerConn]:
+        """The active workers, in env order, if they cover every env; else raise WorkerLostError."""
+        return self.table.serving()
+
+    def layout(self) -> list[tuple[int, int, WorkerConn | None]]:
+        """``(start, stop, worker)`` runs covering every env in order; ``None``
+        where no active worker serves the envs (wait mode)."""
+        return self.table.layout()
+
+    def request(self, items: list[tuple[WorkerConn, str, Any]], timeout: float | None = -1) -> list[Any]:
+        """Send one request to each ``(worker, kind, body)`` and wait for every reply
+        (``timeout`` -1: ``step_timeout``)."""
+        return self.calls.request(items, self.step_timeout if timeout == -1 else timeout)
+
+    def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False, sink: Any = None) -> Call:
+        """Send without waiting (see :meth:`ws_gym.calls.CallBook.submit`)."""
+        return self.calls.submit(items, tolerant, sink)
+
+    def wait(self, call: Call, timeout: float | None = -1) -> list[Any]:
+        """The replies of a submitted call (``timeout`` -1: ``step_timeout``)."""
+        return self.calls.wait(call, self.step_timeout if timeout == -1 else timeout)
+
+    # -- workers and their command
 
     def worker_command(self, num_envs: int | None = None) -> str:
         """The command a user runs on a PC to serve envs to this trainer.
@@ -282,8 +250,8 @@ class Trainer:
         one the user chose is shown as a placeholder, to keep it out of logs.
         """
         url = self.url  # public_url as given, when there is one
-        if self.public_url is None and self.pool.host in ("0.0.0.0", "::", ""):  # everywhere: name this machine
-            url = format_url(socket.gethostname(), self.pool.port, self.pool.ssl_context is not None)
+        if self.public_url is None and self.server.host in ("0.0.0.0", "::", ""):  # everywhere: name this machine
+            url = format_url(socket.gethostname(), self.server.port, self.server.ssl_context is not None)
         env = f" --env {self.env_id}" if self.env_id else " --env ENV_ID"
         secret = ""
         if self.token is not None:
@@ -298,10 +266,10 @@ class Trainer:
         match and a private CA would need a file we may not have (a bare
         ``ssl_context``); pinning the exact certificate needs neither.
         """
-        if self.pool.ssl_context is None:
+        if self.server.ssl_context is None:
             return None
         try:
-            return certificate_fingerprint(loopback_for(self.pool.host), self.pool.port)
+            return certificate_fingerprint(loopback_for(self.server.host), self.server.port)
         except (OSError, ssl.SSLError) as exc:
             raise WsGymError(f"could not read this trainer's own TLS certificate for its local workers: {exc}") from exc
 
@@ -312,28 +280,43 @@ class Trainer:
             now = time.monotonic()
             if now >= self._next_local_check:
                 self._next_local_check = now + 0.5
-                self.local.check(free=self.pool.covered() < self.num_envs)
+                self.local.check(free=self.table.covered() < self.num_envs)
 
     def spaces(self) -> tuple[gym.Space, gym.Space, P.Ready]:
         """(observation space, action space, ready info): waits for a worker if needed."""
         if self._spaces is None:
-            ready = self.pool.expect.ready
+            ready = self.server.expect.ready
             if ready is None:
                 _say(f"waiting for a worker at {self.url} to learn the env's spaces; run: {self.worker_command()}")
-                ready = self.pool.wait_spaces(self.connect_timeout, check=self.check_local)
+                ready = self._wait_spaces(self.connect_timeout)
             self._spaces = (schema_to_space(ready.observation_space), schema_to_space(ready.action_space), ready)
         return self._spaces
 
+    def _wait_spaces(self, timeout: float) -> P.Ready:
+        deadline = time.monotonic() + timeout
+        table = self.table
+        with table.cond:
+            while self.server.expect.ready is None:
+                now = time.monotonic()
+                self.check_local()
+                if now >= deadline:
+                    raise ConnectTimeoutError(
+                        f"no worker connected within {timeout:g} s to tell the env's spaces; "
+                        f"workers connect to {self.url} (last event: {table.last_event()})"
+                    )
+                table.cond.wait(min(deadline - now, 0.5))
+            return self.server.expect.ready
+
     def wait_workers(self) -> None:
         """Block until workers cover every env (logging progress), or raise."""
-        if self.pool.covered() == self.num_envs:
+        if self.table.covered() == self.num_envs:
             return
-        local = self.local is not None
+        local = self.local
 
         def progress(have: int) -> None:
-            if local:
+            if local is not None:
                 if not self._waited:
-                    n = len(self.local.procs)
+                    n = len(local.procs)
                     _say(f"starting {n} local worker{'s' if n > 1 else ''} for {self.num_envs} envs")
             else:
                 _say(
@@ -342,34 +325,12 @@ class Trainer:
                 )
             self._waited = True
 
-        self.pool.wait_covered(self.connect_timeout, progress=progress, check=self.check_local)
-
-    def request(self, items: list[tuple[Any, str, Any]], timeout: float | None = -1) -> list[Any]:
-        return self.pool.request(items, self.step_timeout if timeout == -1 else timeout)
-
-    def submit(self, items: list[tuple[Any, str, Any]], tolerant: bool = False, sink: Any = None) -> Any:
-        return self.pool.submit(items, tolerant, sink)
-
-    def wait(self, call: Any, timeout: float | None = -1) -> list[Any]:
-        return self.pool.wait(call, self.step_timeout if timeout == -1 else timeout)
-
-    def _unix_path(self, counts: list[int], server_ssl: ssl.SSLContext | None) -> str | None:
-        """A private Unix socket for local workers (POSIX, plain ws): quicker than loopback TCP.
-
-        ``WS_GYM_UNIX=0`` turns it off; Windows and TLS use loopback TCP.
-        """
-        self._unix_dir = None
-        if not counts or server_ssl is not None or not hasattr(socket, "AF_UNIX") or sys.platform == "win32":
-            return None
-        if loops.switched_off("WS_GYM_UNIX"):
-            return None
-        self._unix_dir = tempfile.mkdtemp(prefix="ws_gym-")  # mode 0700
-        return os.path.join(self._unix_dir, "trainer.sock")
+        self.table.wait_covered(self.connect_timeout, self.url, progress=progress, check=self.check_local)
 
     def close(self) -> None:
         _open.discard(self)
         try:
-            self.pool.close()
+            self.server.close()
         finally:
             try:
                 if self.local is not None:

@@ -30,6 +30,7 @@ import orjson
 from . import codec, compact, loops
 from . import frames as F
 from . import protocol as P
+from .config import Transport
 from .errors import HandshakeError, ProtocolError, WsGymError
 from .host import VECTORIZATIONS, EnvHost, check_vectorization
 from .liveness import WorkerLiveness, check_interval, give_up_unacked, unacked_limit
@@ -455,7 +456,7 @@ class _WireLink:
     def take_over(cls, ws: aiohttp.ClientWebSocketResponse, worker: Worker) -> "_WireLink | None":
         """A link on the connection's transport, or None where aiohttp does not
         show it (its ``_conn`` is private): then the session stays on aiohttp's API."""
-        if loops.switched_off("WS_GYM_WIRE"):
+        if not Transport.from_environment().wire:
             return None
         conn = getattr(ws, "_conn", None)
         transport = getattr(conn, "transport", None)
