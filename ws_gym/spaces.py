@@ -283,14 +283,3 @@ def _array(
     if infinite:
         value = _int_limit(dtype, inf)
     return np.full(shape, value, dtype=dtype), np.full(shape, infinite, bool)
-
-
-def jsonable_metadata(metadata: dict) -> dict:
-    """The parts of an env's ``metadata`` that travel in a handshake (plain values)."""
-    out = {}
-    for key, value in metadata.items():
-        if key == "render_modes" and isinstance(value, (list, tuple)):
-            out[key] = [v for v in value if isinstance(v, str)]
-        elif isinstance(value, (str, int, float, bool)) or value is None:
-            out[key] = value
-    return out

@@ -36,7 +36,8 @@ from .connection import WorkerConn
 from .errors import ConnectTimeoutError, WsGymError
 from .local import LocalWorkers, split_envs
 from .server import Server
-from .spaces import jsonable_metadata, schema_to_space, space_to_schema
+from .metadata import jsonable_metadata
+from .spaces import schema_to_space, space_to_schema
 
 log = logging.getLogger("ws_gym")
 

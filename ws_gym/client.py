@@ -1,0 +1,381 @@
+"""The worker's client: dials out to the trainer, handshakes, serves, dials again.
+
+:class:`Worker` keeps one worker process's state across reconnects: it dials
+with backoff until the trainer is up, says why it gives up (exit codes in
+:mod:`ws_gym.protocol`), checks the env the trainer asks for
+(:func:`env_allowed`), makes it (:class:`~ws_gym.host.EnvHost`) and serves the
+session over a link (:mod:`ws_gym.worker_links`) until the trainer closes or the
+link drops. The command line is :mod:`ws_gym.worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import os
+import random
+import socket
+import ssl
+from typing import Any, Literal, overload
+
+import aiohttp
+
+from . import codec, compact
+from . import protocol as P
+from .errors import HandshakeError, ProtocolError
+from .config import check_vectorization
+from .host import EnvHost
+from .liveness import WorkerLiveness, check_interval, give_up_unacked, unacked_limit
+from .worker_links import AiohttpLink, SessionClosed, WireLink
+from .wsio import receive_message
+
+log = logging.getLogger("ws_gym.worker")
+
+TOKEN_ENV = P.TOKEN_ENV
+TOKEN_HEADER = P.TOKEN_HEADER
+DEFAULT_MAX_MSG = 256 * 1024 * 1024
+
+EXIT_OK, EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_GAVE_UP, EXIT_UNTRUSTED = (
+    P.EXIT_OK, P.EXIT_REFUSED, P.EXIT_UNAUTHORIZED, P.EXIT_GAVE_UP, P.EXIT_UNTRUSTED
+)
+EXIT_NOT_FOUND = P.EXIT_NOT_FOUND
+
+
+# A dead trainer does not answer a close: do not wait long for it. (aiohttp 3.9
+# takes seconds, later versions a ClientWSTimeout: the type depends on the version.)
+_WS_TIMEOUT: Any = aiohttp.ClientWSTimeout(ws_close=2.0) if hasattr(aiohttp, "ClientWSTimeout") else 2.0
+
+
+RETURN_BACKOFF_CAP = 2.0  # seconds between a served worker's attempts to dial in again, at most
+
+
+def backoff_delays(first: float = 0.1, cap: float = 5.0):
+    """Exponential back-off with full jitter: 0.1 s doubling up to ``cap``."""
+    delay = first
+    while True:
+        yield random.uniform(delay / 2, delay)
+        delay = min(delay * 2, cap)
+
+
+def env_allowed(env_id: str, *, fixed: str | None, allow_import: bool) -> str | None:
+    """Why this worker will not host ``env_id`` (None when it will).
+
+    A worker never imports a module the trainer names unless told it may.
+    """
+    if fixed is not None:
+        return None if env_id == fixed else (
+            f"env mismatch: the trainer wants {env_id!r}, this worker hosts {fixed!r}"
+        )
+    if ":" in env_id and not allow_import:
+        return (
+            f"the trainer's env id {env_id!r} imports a module; "
+            "start the worker with --allow-import or --env to allow it"
+        )
+    return None
+
+
+def client_ssl(
+    url: str, *, cafile: str | None = None, insecure: bool = False, cert_fingerprint: str | None = None
+) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """How the worker checks a ``wss://`` trainer: aiohttp's ``ssl=`` argument.
+
+    By default the system's CAs and the host name; ``cafile``: that CA (or
+    self-signed certificate) only; ``cert_fingerprint``: exactly the certificate
+    with that SHA-256; ``insecure``: nothing at all.
+    """
+    chosen = [n for n, v in (("--cafile", cafile), ("--insecure", insecure),
+                             ("--cert-fingerprint", cert_fingerprint)) if v]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} exclude each other")
+    if chosen and not url.lower().startswith("wss://"):
+        raise ValueError(f"{chosen[0]} needs a wss:// URL (the trainer serves TLS), got {url}")
+    if cafile:
+        try:
+            return ssl.create_default_context(cafile=cafile)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(f"--cafile {cafile}: cannot load it ({exc})") from None
+    if cert_fingerprint:
+        digest = cert_fingerprint.replace(":", "").strip()
+        try:
+            raw = bytes.fromhex(digest)
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"--cert-fingerprint must be a SHA-256 in hex (64 digits), got {cert_fingerprint!r}")
+        return aiohttp.Fingerprint(raw)
+    return not insecure
+
+
+class Worker:
+    """One worker process's state across reconnects."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        env_id: str | None = None,
+        num_envs: int = 1,
+        env_kwargs: dict | None = None,
+        token: str | None = None,
+        allow_import: bool = False,
+        retry_timeout: float | None = None,
+        max_msg_size: int = DEFAULT_MAX_MSG,
+        name: str | None = None,
+        cafile: str | None = None,
+        insecure: bool = False,
+        cert_fingerprint: str | None = None,
+        vectorization: str = "sync",
+        unix_socket: str | None = None,
+        busy_poll: float = 0.0,
+    ) -> None:
+        self.url = url
+        if not busy_poll >= 0:
+            raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll!r}")
+        self.busy_poll = busy_poll  # seconds to keep reading after each reply (POSIX, plain ws)
+        self.unix_socket = unix_socket
+        self._last_rx = 0.0  # loop time of the last frame from the trainer (or our last reply)
+        self.vectorization = check_vectorization(vectorization)
+        self.insecure = insecure
+        self._ssl = client_ssl(url, cafile=cafile, insecure=insecure, cert_fingerprint=cert_fingerprint)
+        self.env_id = env_id
+        self.num_envs = num_envs
+        self.env_kwargs = env_kwargs
+        self.token = token
+        self.allow_import = allow_import
+        self.retry_timeout = retry_timeout
+        self.max_msg_size = max_msg_size
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.host: EnvHost | None = None
+        self._delays_reset = False
+        self.worker_id: str | None = None  # the trainer's name for us, presented again on a reconnect
+
+    async def run(self) -> int:
+        """Connect, serve, reconnect after drops; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        headers = {TOKEN_HEADER: self.token} if self.token else {}
+        # a SYN into a link that is still down is retried by the kernel at 1 s and 3 s;
+        # past that a fresh attempt finds a returning link sooner
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=3)
+        delays = backoff_delays()
+        waited_since = loop.time()
+        announced = tls_warned = False
+        last_refusal = None
+        if self.insecure:
+            log.warning(
+                "--insecure: the trainer's TLS certificate is NOT verified. Anyone on the network "
+                "path can pose as the trainer, read the token and have this worker run envs for "
+                "them. Use --cafile with the trainer's certificate or CA instead."
+            )
+        connector = aiohttp.UnixConnector(path=self.unix_socket) if self.unix_socket else None
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            while True:
+                try:
+                    async with session.ws_connect(
+                        self.url, headers=headers, max_msg_size=self.max_msg_size,
+                        compress=0, autoping=False, autoclose=True, ssl=self._ssl,
+                        timeout=_WS_TIMEOUT,
+                    ) as ws:
+                        log.info("connected to %s%s", self.url,
+                                 " (certificate NOT verified: --insecure)" if self.insecure else "")
+                        try:
+                            await self._session(ws)
+                        except SessionClosed:
+                            log.info("the trainer closed the session; exiting")
+                            return EXIT_OK
+                        except HandshakeError as exc:
+                            if not exc.retry:
+                                log.error("refused by the trainer: %s", exc.reason)
+                                return EXIT_REFUSED
+                            # once per reason, not at every attempt
+                            log.log(logging.DEBUG if exc.reason == last_refusal else logging.WARNING,
+                                    "refused for now (%s); retrying", exc.reason)
+                            last_refusal = exc.reason
+                        except ProtocolError as exc:
+                            log.error("the trainer broke the protocol: %s", exc)
+                            return EXIT_REFUSED
+                        except (ConnectionError, asyncio.TimeoutError) as exc:
+                            log.warning("connection lost (%s); reconnecting", exc)
+                        finally:
+                            self._close_envs()
+                        waited_since = loop.time()
+                except aiohttp.WSServerHandshakeError as exc:
+                    if exc.status == 403:  # not about a token: e.g. a proxied connection to a trainer without one
+                        log.error("the trainer at %s refused this worker (403 %s): the trainer's log says why%s",
+                                  self.url, exc.message, "" if self.token else
+                                  f" (a trainer reached through a proxy needs a token: set {TOKEN_ENV} or --token)")
+                        return EXIT_UNAUTHORIZED
+                    if exc.status == 404:  # retrying cannot fix a wrong path
+                        log.error("no WebSocket endpoint at %s (404 %s): the trainer's path is /ws, and behind "
+                                  "a reverse proxy the URL must include the proxy's path prefix (e.g. "
+                                  "wss://trainer.example/PREFIX/ws); use the URL the trainer prints. Not retrying",
+                                  self.url, exc.message)
+                        return EXIT_NOT_FOUND
+                    if exc.status == 401 and not self.token:
+                        log.error("the trainer requires a token and this worker has none (%s %s): "
+                                  "set %s (or --token) to the trainer's token (envs.token on the "
+                                  "trainer; a generated one is also in its log)",
+                                  exc.status, exc.message, TOKEN_ENV)
+                        return EXIT_UNAUTHORIZED
+                    if exc.status == 401:
+                        log.error("the trainer rejected this worker's token (%s %s): check --token or %s",
+                                  exc.status, exc.message, TOKEN_ENV)
+                        return EXIT_UNAUTHORIZED
+                    if exc.status == 503:
+                        log.warning("the trainer at %s is busy or closing (503 %s); retrying", self.url, exc.message)
+                    else:
+                        log.warning("handshake with %s failed: %s %s", self.url, exc.status, exc.message)
+                except aiohttp.ServerFingerprintMismatch as exc:
+                    log.error("the trainer's TLS certificate is not the expected one (SHA-256 %s, "
+                              "--cert-fingerprint %s); not connecting", exc.got.hex(), exc.expected.hex())
+                    return EXIT_UNTRUSTED
+                except aiohttp.ClientConnectorCertificateError as exc:
+                    log.error(
+                        "the trainer's TLS certificate at %s failed verification: %s. For a self-signed "
+                        "certificate or a private CA pass --cafile with it; not connecting (retrying "
+                        "cannot fix this)", self.url, exc.certificate_error,
+                    )
+                    return EXIT_UNTRUSTED
+                except aiohttp.ClientConnectorSSLError as exc:
+                    if not tls_warned:  # e.g. wss:// to a trainer without TLS: it may restart with TLS
+                        log.warning("TLS handshake with %s failed (%s); does the trainer serve wss:// "
+                                    "(certfile= or ssl_context=)? retrying", self.url, exc.os_error)
+                        tls_warned = True
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    if not announced:
+                        log.info("waiting for the trainer at %s (%s)", self.url, exc.__class__.__name__)
+                        announced = True
+                    if (isinstance(exc, aiohttp.ServerDisconnectedError) and not tls_warned
+                            and self.url.lower().startswith("ws://")):
+                        log.warning("%s hung up at once: if the trainer serves TLS, its URL starts "
+                                    "with wss://; retrying", self.url)
+                        tls_warned = True
+                if self._delays_reset:  # a session was served: start backing off afresh, and
+                    # back off less far: the link of a PC that served is likely to return soon
+                    delays, self._delays_reset = backoff_delays(cap=RETURN_BACKOFF_CAP), False
+                if self.retry_timeout is not None and loop.time() - waited_since > self.retry_timeout:
+                    log.error("no trainer at %s after %.0f s; giving up", self.url, self.retry_timeout)
+                    return EXIT_GAVE_UP
+                await asyncio.sleep(next(delays))
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        await ws.send_bytes(codec.encode(
+            P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name, self.worker_id)))
+        msg = await receive_message(ws, 60, "during the handshake")
+        if msg.kind == P.REFUSE:
+            raise HandshakeError(P.parse_reason(msg.body), retry=P.parse_retry(msg.body))
+        if msg.kind != P.WELCOME:
+            raise ProtocolError(f"expected welcome, got {msg.kind!r}")
+        welcome = P.parse_welcome(codec.writable(msg.body))
+        if welcome.worker_id is not None:
+            self.worker_id = welcome.worker_id
+        if welcome.heartbeat:  # a reply into a dead link ends the connection (see ws_gym.liveness)
+            give_up_unacked(ws.get_extra_info("socket"), unacked_limit(welcome.heartbeat))
+        # The trainer now waits for our ready: nothing of its is on the way, so the
+        # connection can leave aiohttp's message API without a byte left behind.
+        link = WireLink.take_over(ws, self) or AiohttpLink(ws, self)
+        try:
+            await self._handshake_rest(link, welcome)
+        finally:
+            link.end()
+
+    async def _handshake_rest(self, link: AiohttpLink | WireLink, welcome: P.Welcome) -> None:
+        why = env_allowed(welcome.env_id, fixed=self.env_id, allow_import=self.allow_import)
+        if why is None and self.env_kwargs is not None:
+            welcome = dataclasses.replace(welcome, env_kwargs={**welcome.env_kwargs, **self.env_kwargs})
+        if why is not None:
+            await link.send(codec.encode(P.ERROR, 0, {"type": "Refused", "message": why, "traceback": ""}))
+            raise HandshakeError(why)
+        try:
+            host = self.host = EnvHost(welcome, vectorization=self.vectorization)
+        except Exception as exc:  # env creation failed: tell the trainer why
+            log.exception("could not create %s", welcome.env_id)
+            await link.send(codec.encode(P.ERROR, 0, P.error_body(exc)))
+            raise HandshakeError(f"could not create env {welcome.env_id!r}: {exc}") from exc
+        # What exists now (modules, envs) lives as long as the session: keep the
+        # collector from scanning it again and again at every step's garbage.
+        gc.freeze()
+        await link.send(codec.encode(P.READY, 0, host.ready_body()))
+        msg = await link.receive(60)
+        if msg.kind == P.REFUSE:
+            raise HandshakeError(P.parse_reason(msg.body), retry=P.parse_retry(msg.body))
+        if msg.kind != P.ACCEPT:
+            raise ProtocolError(f"expected accept, got {msg.kind!r}")
+        self._delays_reset = True
+        log.info("hosting %d x %s as envs %d..%d", welcome.num_envs, welcome.env_id,
+                 welcome.first_index, welcome.first_index + welcome.num_envs - 1)
+        if not welcome.heartbeat:
+            await link.serve(host)
+            return
+        # A live trainer sends something at least every half heartbeat (requests or
+        # pings): hearing nothing for longer means it or the link is gone.
+        live = WorkerLiveness(welcome.heartbeat)
+        serve = asyncio.ensure_future(link.serve(host))
+        silent = asyncio.ensure_future(self._watch_trainer(serve, live))
+        try:
+            await serve
+        except asyncio.CancelledError:
+            if silent.done() and not silent.cancelled() and silent.result():
+                link.abort()  # nothing gets through: no close frame, no wait for one
+                raise ConnectionResetError(
+                    f"the trainer sent nothing for {live.silence_limit:g} s (heartbeat)") from None
+            raise
+        finally:
+            silent.cancel()
+            serve.cancel()
+
+    async def _watch_trainer(self, serve: asyncio.Future, live: WorkerLiveness) -> bool:
+        """Cancel ``serve`` when the trainer has been silent too long."""
+        loop = asyncio.get_running_loop()
+        interval = check_interval(live.heartbeat)
+        while not serve.done():
+            await asyncio.sleep(interval)
+            if live.dead(loop.time(), self._last_rx):
+                serve.cancel()
+                return True
+        return False
+
+    @overload
+    @staticmethod
+    def answer(host: EnvHost, data: Any, parts: Literal[False] = False) -> tuple[bytes, bool]: ...
+
+    @overload
+    @staticmethod
+    def answer(host: EnvHost, data: Any, parts: bool) -> tuple[bytes | tuple, bool]: ...
+
+    @staticmethod
+    def answer(host: EnvHost, data: Any, parts: bool = False) -> tuple[bytes | tuple, bool]:
+        """The reply frame to one request, and whether it was the trainer's close.
+
+        ``parts``: a big compact reply may come as its pieces, not joined (see
+        :meth:`ws_gym.compact.StepLayout.encode_reply`), for a writer that
+        sends them as they are."""
+        # a compact step (laid out by the handshake) is answered compact where the result fits
+        layout = host.compact if data[:4] == compact.REQUEST else None
+        try:
+            if layout is not None:
+                rid, actions = layout.decode_request(data)
+                req = codec.Message(P.STEP, rid, {"a": actions})
+            else:
+                req = codec.decode(data)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed request: %s", exc)
+            return codec.encode(P.ERROR, 0, P.error_body(exc)), False
+        try:
+            body = req.body if req.kind == P.STEP else codec.writable(req.body)
+            result = host.handle(req.kind, body)
+            frame = layout.encode_reply(req.id, result, parts=parts and layout.big) if layout is not None else None
+            frame = frame or codec.encode(P.OK, req.id, result)
+        except Exception as exc:  # the env's error goes back to the trainer
+            frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
+        return frame, req.kind == P.CLOSE
+
+    def _close_envs(self) -> None:
+        gc.unfreeze()  # the session's objects may be collected again (a reconnect makes new ones)
+        if self.host is not None:
+            try:
+                self.host.close()
+            except Exception:
+                log.exception("error while closing envs")
+            self.host = None
