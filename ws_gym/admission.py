@@ -96,6 +96,7 @@ class Admission:
 
     def welcome(self, conn: WorkerConn) -> P.Welcome:
         expect = self.expect
+        assert expect.env_id is not None  # admit() set it (the first worker names the env) or refused
         return P.Welcome(
             env_id=expect.env_id,
             env_kwargs=expect.env_kwargs,

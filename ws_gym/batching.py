@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import itertools
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -24,6 +24,7 @@ from .codec import Unencodable
 from .errors import ProtocolError
 
 ARRAY_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+# Their ``shape`` is never None, but Discrete inherits ``Space.shape``, typed Optional: hence the casts
 _warned_types: set[str] = set()
 
 
@@ -32,7 +33,7 @@ def _literal_call(node: ast.expr, name: str) -> dict[str, Any]:
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
             and not node.args and all(k.arg is not None for k in node.keywords)):
         raise ValueError(f"not a {name}(...) repr")
-    return {k.arg: k.value for k in node.keywords}
+    return {cast(str, k.arg): k.value for k in node.keywords}  # checked above: no **kwargs
 
 
 def env_spec_from_repr(text: str) -> EnvSpec | None:
@@ -116,9 +117,10 @@ def cut(space: gym.Space, batch: Any, a: int, b: int) -> Any:
 def check_batch(space: gym.Space, value: Any, count: int, what: str) -> None:
     """Raise ProtocolError unless ``value`` is a batch of ``count`` elements of ``space``."""
     if isinstance(space, ARRAY_SPACES):
-        if type(value) is not np.ndarray or value.shape != (count, *space.shape) or value.dtype != space.dtype:
+        shape = (count, *cast("tuple[int, ...]", space.shape))
+        if type(value) is not np.ndarray or value.shape != shape or value.dtype != space.dtype:
             got = f"{value.dtype} {value.shape}" if type(value) is np.ndarray else type(value).__name__
-            raise ProtocolError(f"{what}: expected {space.dtype} {(count, *space.shape)}, got {got}")
+            raise ProtocolError(f"{what}: expected {space.dtype} {shape}, got {got}")
     elif isinstance(space, spaces.Dict):
         if type(value) is not dict or value.keys() != space.spaces.keys():
             raise ProtocolError(f"{what}: expected a dict with keys {list(space.spaces)}")
@@ -136,7 +138,8 @@ def check_batch(space: gym.Space, value: Any, count: int, what: str) -> None:
 def batch_shape(space: gym.Space, n: int) -> str:
     """What a batch of ``n`` actions of ``space`` looks like, for error messages."""
     if isinstance(space, ARRAY_SPACES):
-        return f"an array of shape {(n, *space.shape)}"
+        shape = (n, *cast("tuple[int, ...]", space.shape))
+        return f"an array of shape {shape}"
     if isinstance(space, spaces.Dict):
         return "a dict {" + ", ".join(f"{k!r}: {batch_shape(sub, n)}" for k, sub in space.spaces.items()) + "}"
     if isinstance(space, spaces.Tuple):
@@ -207,7 +210,7 @@ class StepBatch:
 
     def __init__(self, space: gym.Space, n: int, workers: list) -> None:
         self.space, self.workers = space, workers
-        self.obs = np.empty((n, *space.shape), space.dtype)
+        self.obs = np.empty((n, *cast("tuple[int, ...]", space.shape)), space.dtype)
         self.r = np.empty(n)
         self.t = np.empty(n, np.bool_)
         self.u = np.empty(n, np.bool_)

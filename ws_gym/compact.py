@@ -68,6 +68,8 @@ def layout_for(observation_schema: dict, action_schema: dict, count: int, single
     obs_dtype, act_dtype = np.dtype(obs_space.dtype), np.dtype(act_space.dtype)
     if obs_dtype.kind not in "biuf" or act_dtype.kind not in "biuf":
         return None
+    # array spaces' shapes are never None (gymnasium types Space.shape as Optional)
+    assert act_space.shape is not None and obs_space.shape is not None
     # plain ints: the tag is computed from the shapes' text, the same on every numpy
     act_shape, obs_shape = tuple(int(d) for d in act_space.shape), tuple(int(d) for d in obs_space.shape)
     return StepLayout(act_dtype, act_shape, obs_dtype, obs_shape, count, single)
@@ -144,6 +146,9 @@ class StepLayout:
         obs = result.get("o")
         if type(obs) is not np.ndarray or obs.dtype != self.obs_dtype or obs.shape != self.obs_shape:
             return None
+        r: Any
+        t: Any
+        u: Any
         r, t, u = result.get("r"), result.get("t"), result.get("u")
         if self.single:
             if len(result) != 5 or type(r) is not float or type(t) is not bool or type(u) is not bool:
@@ -279,7 +284,7 @@ def _bytes(arr: np.ndarray) -> memoryview:
     """A C-contiguous array's memory as flat bytes (raises for any other)."""
     if not arr.flags.c_contiguous:
         raise ValueError("copy_reply: a batch array is not C-contiguous")
-    return memoryview(arr if arr.dtype.isnative else arr.view(np.uint8)).cast("B")
+    return (arr if arr.dtype.isnative else arr.view(np.uint8)).data.cast("B")
 
 
 def _view(frame: Any, dtype: np.dtype, count: int, offset: int) -> np.ndarray:

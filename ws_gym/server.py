@@ -205,6 +205,7 @@ class Server:
             if conn is not None:
                 self.drop(conn)
             if taken_over:  # aiohttp cleans up as after any disconnect
+                assert conn is not None
                 hand_back(conn.transport, conn.aiohttp_protocol)
             else:  # still on aiohttp's message API (no return here: it would swallow exceptions)
                 too_big = ws.exception()
@@ -305,8 +306,10 @@ class Server:
 
     async def _serve(self, conn: WorkerConn) -> None:
         """Wait until the connection ends (replies go to the call book as they are parsed)."""
+        wire = conn.wire
+        assert wire is not None  # taken over from aiohttp before serving
         try:
-            code, reason = await conn.wire.done
+            code, reason = await wire.done
             log.debug("%s closed its connection (%s %s)", conn.origin, code, reason)
         except F.FrameError as exc:
             if exc.code == F.CLOSE_TOO_BIG:
@@ -316,7 +319,7 @@ class Server:
                 log.warning("closed the connection from %s: %s", conn.origin, exc)
         except (ConnectionError, OSError) as exc:
             log.debug("connection from %s ended: %r", conn.peer, exc)
-            if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
+            if self.heartbeat and (isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT):
                 # the kernel gave up on unacknowledged bytes (see ws_gym.liveness)
                 self.drop(conn, f"acknowledged nothing for {unacked_limit(self.heartbeat):g} s: "
                                 "link dead (heartbeat)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import gymnasium as gym
 import numpy as np
@@ -153,13 +153,14 @@ class RemoteVectorEnv(AroundHoles):
             trainer.wait_workers()
         if self._single_obs is None:
             self._load_spaces()
+        assert self._single_obs is not None  # loaded
         n = self.num_envs
         if seed is None:
             seeds: list = [None] * n
         elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
             seeds = [int(seed) + i for i in range(n)]
         else:
-            seeds = [None if s is None else int(s) for s in seed]
+            seeds = [None if s is None else int(s) for s in cast("Sequence[int | None]", seed)]
         if len(seeds) != n:
             raise ValueError(
                 f"If seeds are passed as a list the length must match num_envs={n} but got length={len(seeds)}."
@@ -234,7 +235,8 @@ class RemoteVectorEnv(AroundHoles):
             if actions.shape[:1] != (self.num_envs,):  # as SyncVectorEnv: TypeError for a scalar
                 raise (TypeError if actions.ndim == 0 else ValueError)(
                     f"expected a batch of {self.num_envs} actions "
-                    f"({batch_shape(self._single_act, self.num_envs)}), got an array of shape {actions.shape}"
+                    f"({batch_shape(cast('gym.Space', self._single_act), self.num_envs)}), "
+                    f"got an array of shape {actions.shape}"
                 )
         elif self._single_act is not None:
             check_actions(self._single_act, actions, self.num_envs)
@@ -251,9 +253,9 @@ class RemoteVectorEnv(AroundHoles):
         elif array_actions:  # as cut() slices an array space's batch
             items = [(w, P.STEP, {"a": actions[w.start:w.stop]}) for w in workers]
         else:
-            space = self._single_act
+            space = cast("gym.Space", self._single_act)  # loaded by now (at the first reset, if not before)
             items = [(w, P.STEP, {"a": cut(space, actions, w.start, w.stop)}) for w in workers]
-        batch = StepBatch(self._single_obs, self.num_envs, workers) if self._batched_obs else None
+        batch = StepBatch(cast("gym.Space", self._single_obs), self.num_envs, workers) if self._batched_obs else None
         call = trainer.submit(items, sink=batch.fill if batch is not None else None)
         self._step = PendingStep(call, workers, None, batch)
         self._state = VectorState.WAITING_STEP
@@ -284,7 +286,7 @@ class RemoteVectorEnv(AroundHoles):
         if plan is not None:
             return self._join_around_holes(plan, replies)
         infos: dict[str, Any] = {}
-        space = self._single_obs
+        space = cast("gym.Space", self._single_obs)  # loaded by now (at the first reset, if not before)
         if batch is None:
             for w, reply in zip(workers, replies):
                 check_reply(reply, w.count, space, w.origin, step=True)
@@ -338,7 +340,7 @@ class RemoteVectorEnv(AroundHoles):
         items = [(w, P.CALL, {"name": name, "args": list(args), "kwargs": kwargs,
                               "indices": [i - w.start for i in idx]}) for w, idx in groups]
         replies = self._trainer.request(items)
-        found = {}
+        found: dict[int, Any] = {}
         for (w, idx), r in zip(groups, replies):
             found.update(zip(idx, check_list(r, len(idx), w.origin)))
         return tuple(own(found[i]) for i in indices)

@@ -38,7 +38,8 @@ class AroundHoles(VectorEnv):
     def _reset_around_holes(self, seeds: list, options: dict | None, mask: np.ndarray | None) -> tuple[Any, dict]:
         """Wait mode: reset the envs that have a worker; envs without one keep
         their last observation and say so in ``infos["worker_lost"]``."""
-        plan, items = [], []
+        plan: list[tuple[int, int, Any, str]] = []  # (start, stop, worker or None, what)
+        items = []
         for a, b, w in self._trainer.layout():
             if w is not None and w.fresh and mask is not None and not mask[a:b].all():
                 # A new worker resets all its envs, but some were not asked to: reset()
@@ -64,7 +65,7 @@ class AroundHoles(VectorEnv):
         else:
             ended = prev_ended & ~mask
         for a, b, w, what in plan:
-            reply = next(replies) if w is not None else LOST
+            reply: Any = next(replies) if w is not None else LOST  # a reply body, or LOST
             if what == "keep":
                 last.append((a, b, self._held(a, b)))
                 continue
@@ -117,12 +118,12 @@ class AroundHoles(VectorEnv):
         with their last observation, reward 0 and ``infos["worker_lost"]``."""
         space = self._single_obs
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
-        replies = iter(replies)
+        pending = iter(replies)
         infos: dict[str, Any] = {}
         obs, rew, term, trunc, last, raw = [], [], [], [], [], []
         for a, b, w, what in plan:
             n = b - a
-            reply = next(replies) if w is not None else LOST
+            reply: Any = next(pending) if w is not None else LOST  # a reply body, or LOST
             if reply is not LOST:
                 check_reply(reply, n, space, w.origin, step=what == "step")
             if what == "step" and reply is not LOST:
@@ -159,9 +160,9 @@ class AroundHoles(VectorEnv):
             last.append((a, b, o))
         self._last = last
         self._raw_infos = raw
-        term, trunc = np.concatenate(term), np.concatenate(trunc)
-        self._ended = term | trunc
-        return join(space, obs), np.concatenate(rew), term, trunc, infos
+        terminated, truncated = np.concatenate(term), np.concatenate(trunc)
+        self._ended = terminated | truncated
+        return join(space, obs), np.concatenate(rew), terminated, truncated, infos
 
     def _merge(self, infos: dict, info: dict, i: int, origin: str) -> dict:
         """gymnasium's ``_add_info``; a worker's info it cannot merge is a ProtocolError."""
