@@ -14,7 +14,8 @@ Three live scenes, all on 127.0.0.1 with ports from the OS:
 After every bad input the victim must still work: the trainers' results are
 compared with a local ``SyncVectorEnv`` fed the same seeds and actions, the
 worker's with the shapes of a valid step (and a reference reset). The kinds
-and numbers of bad inputs tried are printed at the end of the module.
+and numbers of bad inputs tried are logged (INFO) at the end of the module; a
+passing run keeps quiet, ``-o log_cli=true --log-cli-level=INFO`` shows them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ LOCAL = "127.0.0.1"
 BINARY = aiohttp.WSMsgType.BINARY
 _GONE = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
 
-# (side, kind) -> how many such inputs were sent; printed at the end of the module
+# (side, kind) -> how many such inputs were sent; logged at the end of the module
 TRIED: collections.Counter = collections.Counter()
 NOTES: list[str] = []
 
@@ -61,7 +62,7 @@ def tried(side: str, kind: str, n: int = 1) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _summary(request):
+def _summary():
     yield
     if not TRIED:
         return
@@ -70,12 +71,8 @@ def _summary(request):
         kinds = {k: n for (s, k), n in TRIED.items() if s == side}
         lines.append(f"hostile inputs, {side}: {sum(kinds.values())} inputs of {len(kinds)} kinds")
     lines += NOTES
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():  # shown even when the tests pass
-            print("\n" + "\n".join(lines))
-    else:  # pragma: no cover
-        print("\n".join(lines))
+    # logged, not printed past pytest's capture: a passing run stays quiet
+    logging.getLogger(__name__).info("\n".join(lines))
 
 
 # ------------------------------------------------------------------ helpers

@@ -116,7 +116,7 @@ def array_bytes(arr: np.ndarray) -> memoryview:
     try:
         return arr.data.cast("B")
     except (TypeError, ValueError):  # 0-d, or a format memoryview cannot cast
-        return memoryview(arr.reshape(-1).view(np.uint8))
+        return arr.reshape(-1).view(np.uint8).data  # = memoryview(...) of it, as numpy types it
 
 
 _PADS = [b" " * n for n in range(_ALIGN)]
@@ -395,10 +395,10 @@ def _unpack_tagged(tag: str, node: dict, arrays: list, depth: int) -> Any:
             count *= dim
         if count != len(items):
             raise ProtocolError(f"$O shape {shape} does not match {len(items)} items")
-        out = np.empty(len(items), dtype=object)
+        objs = np.empty(len(items), dtype=object)
         for n, x in enumerate(items):
-            out[n] = _unpack(x, arrays, depth + 1)
-        return out.reshape(shape)
+            objs[n] = _unpack(x, arrays, depth + 1)
+        return objs.reshape(shape)
     if tag == "$r":
         text, type_name = node[tag], node.get("t", "?")
         if type(text) is not str or type(type_name) is not str:

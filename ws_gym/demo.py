@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import cast
 
 import gymnasium as gym
 import numpy as np
 
 import ws_gym  # noqa: F401  (registers ws_gym/Remote-v0)
+from ws_gym.vector import RemoteVectorEnv
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,13 +58,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rng = np.random.default_rng(args.seed)
     print(f"ws_gym demo: {args.num_envs} x {args.env} in {args.workers} local workers over WebSocket")
-    envs = gym.make_vec(
+    envs = cast(RemoteVectorEnv, gym.make_vec(  # ws_gym/Remote-v0's vector_entry_point
         "ws_gym/Remote-v0", num_envs=args.num_envs, env_id=args.env,
         port=0, local_workers=args.workers,
-    )
+    ))
     try:
         print(f"trainer listening at {envs.url}")
-        dim = int(np.prod(envs.single_observation_space.shape)) + 1
+        obs_shape = envs.single_observation_space.shape
+        if obs_shape is None:
+            print("this demo's policy needs an env with array observations", file=sys.stderr)
+            return 1
+        dim = int(np.prod(obs_shape)) + 1
         if not hasattr(envs.single_action_space, "n") or envs.single_action_space.n != 2:
             print("this demo's policy needs an env with two discrete actions", file=sys.stderr)
             return 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import cast
 
 import numpy as np
 
@@ -70,10 +71,11 @@ def mask(payload: bytes | bytearray | memoryview, key: bytes, *, inplace: bool =
         k = int.from_bytes((key * (n // 4 + 1))[:n], "little")
         result = (int.from_bytes(payload, "little") ^ k).to_bytes(n, "little")
         if inplace:
-            payload[:] = result
-            return payload
+            buf = cast(bytearray, payload)  # inplace: the caller passes a bytearray
+            buf[:] = result
+            return buf
         return result
-    out = payload if inplace else bytearray(n)
+    out = cast(bytearray, payload) if inplace else bytearray(n)
     n8 = n - n % 8
     word = np.frombuffer(key * 2, dtype=np.uint64)[0]
     np.bitwise_xor(np.frombuffer(payload, dtype=np.uint64, count=n8 // 8), word,

@@ -165,7 +165,8 @@ def make_welcome(w: Welcome) -> dict:
 
 
 def parse_welcome(body: Any) -> Welcome:
-    env_id = _env_id(_field(body, "env_id", (str,), "welcome"), "welcome")
+    env_id: str = _field(body, "env_id", (str,), "welcome")  # required: never None
+    _env_id(env_id, "welcome")
     env_kwargs = _field(body, "env_kwargs", (dict,), "welcome")
     if not all(isinstance(k, str) for k in env_kwargs):
         raise ProtocolError("welcome: env_kwargs keys must be strings")
@@ -250,6 +251,10 @@ def parse_error(body: Any, origin: str) -> RemoteEnvError:
     """Turn an ``error`` body into the exception to raise in the trainer."""
     if not isinstance(body, dict):
         return RemoteEnvError("ProtocolError", "malformed error reply", "", origin)
-    get = lambda k: body.get(k) if isinstance(body.get(k), str) else ""  # noqa: E731
+
+    def get(key: str) -> str:
+        value = body.get(key)
+        return value if isinstance(value, str) else ""
+
     # bounded as error_body bounds them: a hostile peer's text goes into logs and messages
     return RemoteEnvError(get("type")[:200] or "Exception", get("message")[:4000], get("traceback")[-20000:], origin)

@@ -22,7 +22,7 @@ import operator
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import gymnasium as gym
 import numpy as np
@@ -49,7 +49,24 @@ _FINAL_KEYS = ("final_obs", "_final_obs", "final_info", "_final_info")
 # VectorEnvs whose own step_async/step_wait send the actions at once (exact types:
 # a gymnasium VectorWrapper would forward those calls past its own step)
 _ASYNC = (AsyncVectorEnv, RemoteVectorEnv)
+_AsyncEnv = AsyncVectorEnv | RemoteVectorEnv
 _SENT = object()
+
+
+class _EnvMethods(Protocol):
+    """What SB3VecEnv calls beyond gymnasium's ``VectorEnv`` API (whose ``reset``
+    takes an int seed only): SyncVectorEnv, AsyncVectorEnv and RemoteVectorEnv
+    all have these."""
+
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]: ...
+
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> tuple[Any, ...]: ...
+
+    def get_attr(self, name: str) -> tuple[Any, ...]: ...
+
+    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None: ...
 
 # dtypes that gymnasium's ``_add_info`` gives python bool, int and float values:
 # their entries go back to python scalars, as the env returned them.
@@ -102,11 +119,13 @@ class SB3VecEnv(VecEnv):
         seeds = None if all(s is None for s in self._seeds) else list(self._seeds)
         groups = _group_options(self._options)
         if len(groups) == 1:
-            obs, infos = self.venv.reset(seed=seeds, options=groups[0][0])
+            obs, infos = cast(_EnvMethods, self.venv).reset(seed=seeds, options=groups[0][0])
             self.reset_infos = self._per_env(infos)
         else:  # a VectorEnv takes one options dict: one masked reset per distinct options
             for options, mask in groups:
-                obs, infos = self.venv.reset(seed=seeds, options={**(options or {}), "reset_mask": mask})
+                obs, infos = cast(_EnvMethods, self.venv).reset(
+                    seed=seeds, options={**(options or {}), "reset_mask": mask}
+                )
                 per_env = self._per_env(infos)
                 for i in np.flatnonzero(mask):
                     self.reset_infos[i] = per_env[i]
@@ -121,7 +140,7 @@ class SB3VecEnv(VecEnv):
         as DummyVecEnv takes them: they are batched here as gymnasium batches them.
         """
         if self._structured is not None and isinstance(actions, (list, tuple)):
-            actions = self._batch(actions)
+            actions = self._batch(self._structured, actions)
         elif type(actions) is np.ndarray and actions.shape[:1] != (self.num_envs,):
             raise (TypeError if actions.ndim == 0 else ValueError)(
                 f"expected a batch of {self.num_envs} actions ({batch_shape(self.action_space, self.num_envs)}), "
@@ -137,7 +156,8 @@ class SB3VecEnv(VecEnv):
         """Step every env; an env that ended is reset in this step, as in DummyVecEnv."""
         actions, self._actions = self._actions, None
         if actions is _SENT:
-            obs, rewards, terminated, truncated, infos = self.venv.step_wait()
+            # _SENT: step_async found the VectorEnv to be one of _ASYNC
+            obs, rewards, terminated, truncated, infos = cast(_AsyncEnv, self.venv).step_wait()
         else:
             obs, rewards, terminated, truncated, infos = self.venv.step(actions)
         dones = np.logical_or(terminated, truncated)
@@ -152,17 +172,18 @@ class SB3VecEnv(VecEnv):
             out.append(info)
         return obs, np.asarray(rewards, dtype=np.float32), dones, out
 
-    def _batch(self, actions: list | tuple) -> Any:
+    def _batch(self, space: spaces.Dict | spaces.Tuple, actions: list | tuple) -> Any:
         """A list of per-env Dict/Tuple actions as gymnasium's batch of them; anything
         else (a Tuple space's batch is a tuple too) goes on as it is."""
-        space, n = self._structured, self.num_envs
+        n = self.num_envs
         if not actions or not all(_single_like(space, a) for a in actions):
             return actions
         if len(actions) != n:
             raise ValueError(
                 f"expected {n} actions, one per env (or {batch_shape(space, n)}), got {len(actions)}"
             )
-        return concatenate(space, actions, create_empty_array(space, n))
+        out = cast("dict[str, Any] | tuple[Any, ...]", create_empty_array(space, n))  # not None for Dict/Tuple
+        return concatenate(space, actions, out)
 
     def _indices(self, indices: VecEnvIndices) -> list[int]:
         """``indices`` as env numbers; a negative one counts from the end, as in a list."""
@@ -198,7 +219,7 @@ class SB3VecEnv(VecEnv):
                 else:
                     out.append((info, None, None))
             return out
-        final_obs = infos.get("final_obs")
+        final_obs: Any = infos.get("final_obs")  # indexed only for envs that ended: then it is there
         final_infos = _unbatch(infos.get("final_info", {}), n)
         step_infos = _unbatch({k: v for k, v in infos.items() if k not in _FINAL_KEYS}, n)
         return [(step_infos[i], final_obs[i], final_infos[i]) if dones[i] else (step_infos[i], None, None)
@@ -216,7 +237,8 @@ class SB3VecEnv(VecEnv):
                 stacklevel=2,
             )
             return [None] * self.num_envs
-        return list(self.venv.render())
+        # rgb_array: one frame per env
+        return list(cast("tuple[np.ndarray, ...]", self.venv.render()))
 
     # -- attributes and methods of the envs ----------------------------------
 
@@ -229,14 +251,14 @@ class SB3VecEnv(VecEnv):
         with _attribute_errors():
             if remote is not None and not self._all(indices):
                 return list(remote.call_at(indices, attr_name))
-            values = self.venv.get_attr(attr_name)  # every env, then the chosen ones
+            values = cast(_EnvMethods, self.venv).get_attr(attr_name)  # every env, then the chosen ones
         return [values[i] for i in indices]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         """Set ``attr_name`` to ``value`` on the chosen envs (``env.set_wrapper_attr``)."""
         indices = self._indices(indices)
         if self._all(indices):
-            self.venv.set_attr(attr_name, [value] * self.num_envs)
+            cast(_EnvMethods, self.venv).set_attr(attr_name, [value] * self.num_envs)
             return
         remote = self._remote()
         if remote is not None:
@@ -253,7 +275,7 @@ class SB3VecEnv(VecEnv):
         remote = self._remote()
         with _attribute_errors():
             if self._all(indices):
-                results = self.venv.call(method_name, *method_args, **method_kwargs)
+                results = cast(_EnvMethods, self.venv).call(method_name, *method_args, **method_kwargs)
                 return [results[i] for i in indices]
             if remote is not None:
                 return list(remote.call_at(indices, method_name, *method_args, **method_kwargs))
@@ -276,7 +298,7 @@ class SB3VecEnv(VecEnv):
         if remote is not None:
             texts = list(remote.call_at(indices, "__str__"))
         else:
-            every = self.venv.call("__str__")
+            every = cast(_EnvMethods, self.venv).call("__str__")
             texts = [every[i] for i in indices]
         return [not names.isdisjoint(wrapper_names(text)) for text in texts]
 
@@ -374,8 +396,8 @@ def _single_like(space: gym.Space, value: Any) -> bool:
 def _group_options(options: list[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, np.ndarray]]:
     """Envs with equal reset options, as ``(options or None, mask)`` pairs."""
     groups: list[tuple[dict[str, Any] | None, np.ndarray]] = []
-    for i, opts in enumerate(options):
-        opts = opts or None
+    for i, env_options in enumerate(options):
+        opts = env_options or None
         for known, mask in groups:
             if _equal(known, opts):
                 mask[i] = True

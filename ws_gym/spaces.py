@@ -33,8 +33,7 @@ _NUMERIC_KINDS = "biuf"
 
 def space_to_schema(space: spaces.Space, _path: str = "space") -> dict[str, Any]:
     """Describe ``space`` as a JSON-ready dict."""
-    t = type(space)
-    if t is spaces.Box:
+    if type(space) is spaces.Box:
         if space.dtype.kind == "f" and space.dtype.itemsize > 8:
             raise UnsupportedSpaceError(
                 f"{_path} is {space!r}: its dtype {space.dtype.name} has no lossless JSON form; "
@@ -47,14 +46,14 @@ def space_to_schema(space: spaces.Space, _path: str = "space") -> dict[str, Any]
             "low": _bounds(space.low, space.bounded_below, "-inf"),
             "high": _bounds(space.high, space.bounded_above, "inf"),
         }
-    if t is spaces.Discrete:
+    if type(space) is spaces.Discrete:
         return {
             "type": "Discrete",
             "n": int(space.n),
             "start": int(space.start),
             "dtype": space.dtype.str,
         }
-    if t is spaces.MultiDiscrete:
+    if type(space) is spaces.MultiDiscrete:
         return {
             "type": "MultiDiscrete",
             "nvec": _values(space.nvec),
@@ -62,17 +61,17 @@ def space_to_schema(space: spaces.Space, _path: str = "space") -> dict[str, Any]
             "shape": list(space.shape),
             "dtype": space.dtype.str,
         }
-    if t is spaces.MultiBinary:
+    if type(space) is spaces.MultiBinary:
         n = space.n
         return {"type": "MultiBinary", "n": [int(x) for x in n] if not isinstance(n, (int, np.integer)) else int(n)}
-    if t is spaces.Text:
+    if type(space) is spaces.Text:
         return {
             "type": "Text",
             "min_length": int(space.min_length),
             "max_length": int(space.max_length),
             "charset": "".join(space.character_list),
         }
-    if t is spaces.Dict:
+    if type(space) is spaces.Dict:
         for k in space.spaces:
             if type(k) is not str:
                 raise UnsupportedSpaceError(
@@ -83,11 +82,12 @@ def space_to_schema(space: spaces.Space, _path: str = "space") -> dict[str, Any]
             "type": "Dict",
             "spaces": [[k, space_to_schema(s, f"{_path}[{k!r}]")] for k, s in space.spaces.items()],
         }
-    if t is spaces.Tuple:
+    if type(space) is spaces.Tuple:
         return {
             "type": "Tuple",
             "spaces": [space_to_schema(s, f"{_path}[{i}]") for i, s in enumerate(space.spaces)],
         }
+    t = type(space)
     raise UnsupportedSpaceError(
         f"{_path} is {space!r} ({t.__module__}.{t.__qualname__}), which ws_gym cannot send; "
         f"supported spaces: {', '.join(SUPPORTED)}"
@@ -145,12 +145,13 @@ def schema_to_space(schema: Any, _depth: int = 0) -> spaces.Space:
             shape = _shape(schema.get("shape"))
             low, low_inf = _array(schema.get("low"), shape, dtype, "-inf")
             high, high_inf = _array(schema.get("high"), shape, dtype, "inf")
+            if low_inf is None or high_inf is None:  # a float or bool Box
+                return spaces.Box(low=low, high=high, shape=shape, dtype=dtype)
             if dtype.kind == "u" and (low_inf.any() or high_inf.any()):
                 raise ProtocolError("an unsigned int Box cannot have infinite bounds")
             box = spaces.Box(low=low, high=high, shape=shape, dtype=dtype)
-            if low_inf is not None:  # int Box: unbounded where the schema says inf
-                box.bounded_below = ~low_inf
-                box.bounded_above = ~high_inf
+            box.bounded_below = ~low_inf  # int Box: unbounded where the schema says inf
+            box.bounded_above = ~high_inf
             return box
         if kind == "Discrete":
             return spaces.Discrete(
@@ -279,7 +280,7 @@ def _array(
     value = _number(value, dtype, inf)
     if dtype.kind not in "iu":
         return np.full(shape, value, dtype=dtype), None
-    infinite = type(value) is str
-    if infinite:
+    is_inf = type(value) is str
+    if is_inf:
         value = _int_limit(dtype, inf)
-    return np.full(shape, value, dtype=dtype), np.full(shape, infinite, bool)
+    return np.full(shape, value, dtype=dtype), np.full(shape, is_inf, bool)
