@@ -100,6 +100,22 @@ class RemoteEnv(gym.Env):
         return self._trainer.serving()[0]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        """Reset the remote env; the first reset waits for a worker.
+
+        Args:
+            seed: seeds the env's random generator, as ``gym.Env.reset``.
+            options: passed to the env's ``reset``.
+
+        Returns:
+            The observation and the info the env returned.
+
+        Raises:
+            ClosedEnvironmentError: the env was closed.
+            ConnectTimeoutError: no worker connected within ``connect_timeout``.
+            WorkerLostError: the worker was lost during the reset (``on_worker_lost="raise"``).
+            StepTimeoutError: the worker did not answer within ``step_timeout``.
+            RemoteEnvError: the env raised; its type and traceback come with it.
+        """
         self._check_open()
         super().reset(seed=seed)
         trainer = self._trainer
@@ -121,6 +137,18 @@ class RemoteEnv(gym.Env):
         return own(reply["o"]), own(reply["info"])
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
+        """Step the remote env.
+
+        Returns:
+            ``(observation, reward, terminated, truncated, info)`` as the env returned them.
+
+        Raises:
+            ClosedEnvironmentError: the env was closed.
+            WorkerLostError: the worker was lost, or a new one serves the env since
+                the last reset (``on_worker_lost="raise"``): call ``reset()``.
+            StepTimeoutError: the worker did not answer within ``step_timeout``.
+            RemoteEnvError: the env raised; its type and traceback come with it.
+        """
         self._check_open()
         trainer = self._trainer
         if trainer.wait_mode:  # a lost worker ends the episode as truncated; reset() waits for a new one
@@ -150,7 +178,14 @@ class RemoteEnv(gym.Env):
         return own(frame)
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Call (or read) ``name`` on the remote env."""
+        """Call (or read) ``name`` on the remote env.
+
+        Returns:
+            The result (an attribute's value when ``name`` is not callable).
+
+        Raises:
+            RemoteEnvError: the call raised in the env.
+        """
         body = {"name": name, "args": list(args), "kwargs": kwargs}
         (result,) = self._trainer.request([(self._worker(), P.CALL, body)])
         return own(result)
@@ -160,6 +195,8 @@ class RemoteEnv(gym.Env):
         self._trainer.request([(self._worker(), P.SET_ATTR, {"name": name, "values": [value]})])
 
     def close(self) -> None:
+        """Close the env in its worker, stop the server and end local workers.
+        Calling it again does nothing; any other call then raises ``ClosedEnvironmentError``."""
         if not self._closed:
             self._closed = True
             self._trainer.close()

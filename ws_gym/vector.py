@@ -145,7 +145,22 @@ class RemoteVectorEnv(AroundHoles):
         seed: int | Sequence[int | None] | None = None,
         options: dict[str, Any] | None = None,
     ) -> tuple[Any, dict[str, Any]]:
-        """Reset the envs (waiting for workers first); ``seed + i`` seeds env i."""
+        """Reset the envs; the first reset waits for workers to cover every env.
+
+        Args:
+            seed: ``None``; an int (env ``i`` gets ``seed + i``); or one seed per env.
+            options: passed to every env's ``reset``; ``options["reset_mask"]``
+                (a bool array of ``num_envs``) resets only the envs it marks.
+
+        Returns:
+            The batched observations and the infos, as ``SyncVectorEnv`` gives them.
+
+        Raises:
+            ConnectTimeoutError: workers did not cover every env within ``connect_timeout``.
+            WorkerLostError: a worker was lost during the reset (``on_worker_lost="raise"``).
+            StepTimeoutError: a worker did not answer within ``step_timeout``.
+            RemoteEnvError: an env raised; its type and traceback come with it.
+        """
         self._check_idle()
         trainer = self._trainer
         around_holes = trainer.wait_mode and bool(self._last)  # wait mode: only the first reset waits
@@ -218,7 +233,22 @@ class RemoteVectorEnv(AroundHoles):
         return join(self._single_obs, [part for _, _, part in self._last]), infos
 
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        """Step every env; one request per worker, sent concurrently."""
+        """Step every env: one request per worker, sent concurrently.
+
+        Args:
+            actions: a batch of ``num_envs`` actions of ``single_action_space``.
+
+        Returns:
+            ``(observations, rewards, terminations, truncations, infos)``, batched
+            as ``SyncVectorEnv`` batches them, in ``autoreset_mode``.
+
+        Raises:
+            TypeError, ValueError: the actions are not a batch of ``num_envs``
+                (the errors ``SyncVectorEnv`` raises).
+            WorkerLostError: a worker was lost (``on_worker_lost="raise"``); call ``reset()``.
+            StepTimeoutError: a worker did not answer within ``step_timeout``.
+            RemoteEnvError: an env raised; its type and traceback come with it.
+        """
         self.step_async(actions)
         return self.step_wait()
 
@@ -319,13 +349,29 @@ class RemoteVectorEnv(AroundHoles):
         return self._trainer.serving()
 
     def render(self) -> tuple[Any, ...] | None:
-        """A tuple with one frame per env, as ``SyncVectorEnv.render``."""
+        """Render every env, as ``SyncVectorEnv.render``.
+
+        Returns:
+            A tuple with one frame per env (``None`` entries where an env renders nothing).
+        """
         workers = self._workers()
         replies = self._trainer.request([(w, P.RENDER, {}) for w in workers])
         return tuple(own(x) for w, r in zip(workers, replies) for x in check_list(r, w.count, w.origin))
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        """Call (or read) ``name`` on every env; a tuple of results in env order."""
+        """Call (or read) ``name`` on every env.
+
+        Args:
+            name: a method or attribute of the envs (a public name, or ``__str__``/``__repr__``).
+            *args, **kwargs: the method's arguments (values with a wire form).
+
+        Returns:
+            A tuple with one result per env, in env order.
+
+        Raises:
+            RemoteEnvError: the call raised in an env (e.g. ``AttributeError``).
+            TypeError: an argument has no wire form (``codec.EncodeError``).
+        """
         workers = self._workers()
         body = {"name": name, "args": list(args), "kwargs": kwargs}
         replies = self._trainer.request([(w, P.CALL, body) for w in workers])
@@ -374,11 +420,27 @@ class RemoteVectorEnv(AroundHoles):
         return out
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
-        """The attribute ``name`` of every env."""
+        """The attribute ``name`` of every env.
+
+        Returns:
+            A tuple with one value per env; ``spec`` comes back as each env's ``EnvSpec``.
+
+        Raises:
+            RemoteEnvError: an env has no such attribute (``AttributeError`` in it).
+        """
         return self.call(name)
 
     def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
-        """Set ``name`` on every env: one value for all, or one value per env."""
+        """Set ``name`` on every env.
+
+        Args:
+            name: the attribute.
+            values: one value for all envs, or a list or tuple of one value per env.
+
+        Raises:
+            ValueError: a list or tuple whose length is not ``num_envs``.
+            RemoteEnvError: setting it raised in an env.
+        """
         self._check_idle()
         if not isinstance(values, (list, tuple)):
             values = [values for _ in range(self.num_envs)]
