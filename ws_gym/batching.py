@@ -22,8 +22,8 @@ from gymnasium.envs.registration import EnvSpec, WrapperSpec
 from . import codec
 from .codec import Unencodable
 from .errors import ProtocolError
+from .spaces import ARRAY_SPACES
 
-ARRAY_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 # Their ``shape`` is never None, but Discrete inherits ``Space.shape``, typed Optional: hence the casts
 _warned_types: set[str] = set()
 

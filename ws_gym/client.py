@@ -25,6 +25,7 @@ import aiohttp
 from . import codec, compact
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError
+from .config import DEFAULT_MAX_MSG_SIZE as DEFAULT_MAX_MSG
 from .config import check_vectorization
 from .host import EnvHost
 from .liveness import WorkerLiveness, check_interval, give_up_unacked, unacked_limit
@@ -35,7 +36,6 @@ log = logging.getLogger("ws_gym.worker")
 
 TOKEN_ENV = P.TOKEN_ENV
 TOKEN_HEADER = P.TOKEN_HEADER
-DEFAULT_MAX_MSG = 256 * 1024 * 1024
 
 EXIT_OK, EXIT_REFUSED, EXIT_UNAUTHORIZED, EXIT_GAVE_UP, EXIT_UNTRUSTED = (
     P.EXIT_OK, P.EXIT_REFUSED, P.EXIT_UNAUTHORIZED, P.EXIT_GAVE_UP, P.EXIT_UNTRUSTED

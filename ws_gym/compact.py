@@ -33,14 +33,13 @@ import zlib
 from typing import Any
 
 import numpy as np
-from gymnasium import spaces as gs
 from gymnasium.vector.utils import batch_space
 
 from . import codec
 from . import protocol as P
 from .codec import array_bytes
 from .errors import ProtocolError
-from .spaces import schema_to_space
+from .spaces import ARRAY_SPACES, schema_to_space
 
 __all__ = ["REQUEST", "REPLY", "StepCodec", "StepLayout", "layout_for"]
 
@@ -48,7 +47,6 @@ REQUEST = b"WSs\xf7"
 REPLY = b"WSr\xf7"
 _HEAD = struct.Struct("<4sIQ")  # magic, layout tag, request id
 _SCALARS = struct.Struct("<d??")  # a single env's reward, terminated, truncated
-_ARRAY_SPACES = (gs.Box, gs.Discrete, gs.MultiDiscrete, gs.MultiBinary)
 _F8 = np.dtype("<f8")  # little-endian on the wire, whatever the machine (big-endian ones use the codec)
 _B1 = np.dtype(np.bool_)
 
@@ -61,7 +59,7 @@ def layout_for(observation_schema: dict, action_schema: dict, count: int, single
         act_space = schema_to_space(action_schema)
     except ProtocolError:
         return None
-    if not (isinstance(obs_space, _ARRAY_SPACES) and isinstance(act_space, _ARRAY_SPACES)):
+    if not (isinstance(obs_space, ARRAY_SPACES) and isinstance(act_space, ARRAY_SPACES)):
         return None
     if not single:
         obs_space, act_space = batch_space(obs_space, count), batch_space(act_space, count)

@@ -30,7 +30,7 @@ from .config import check_vectorization
 from .errors import ProtocolError
 from .host_async import RecordingAsyncVectorEnv, make_recording_async, terminate
 from .metadata import jsonable_metadata
-from .spaces import space_to_schema
+from .spaces import ARRAY_SPACES, space_to_schema
 
 
 class _RecordingSyncVectorEnv(SyncVectorEnv):
@@ -91,7 +91,7 @@ class _RecordingSyncVectorEnv(SyncVectorEnv):
 
 
 _ITER_SPACES = (gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)  # batched action spaces
-_STACK_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+_STACK_SPACES = ARRAY_SPACES  # batched observation spaces
 
 
 def make_env(

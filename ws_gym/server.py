@@ -34,7 +34,7 @@ from . import protocol as P
 from .addresses import WS_PATH, format_url, loopback_for
 from .admission import Admission, Expectation
 from .calls import CallBook
-from .config import Transport
+from .config import DEFAULT_MAX_MSG_SIZE, Transport
 from .connection import WorkerConn, WorkerState
 from .errors import HandshakeError, ProtocolError, WorkerLostError, WsGymError
 from .forwarded import forwarded_client
@@ -59,7 +59,7 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 8765,
         token: str | None = None,
-        max_msg_size: int = 256 * 1024 * 1024,
+        max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
         handshake_timeout: float = 10.0,
         ready_timeout: float = 300.0,
         max_pending_handshakes: int = 64,

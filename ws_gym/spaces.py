@@ -20,7 +20,10 @@ from gymnasium import spaces
 
 from .errors import ProtocolError, UnsupportedSpaceError
 
-__all__ = ["space_to_schema", "schema_to_space", "SUPPORTED"]
+__all__ = ["space_to_schema", "schema_to_space", "SUPPORTED", "ARRAY_SPACES"]
+
+# The spaces whose values (and batches) are one numpy array each.
+ARRAY_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
 SUPPORTED = ("Box", "Discrete", "MultiDiscrete", "MultiBinary", "Text", "Dict", "Tuple")
 MAX_ELEMENTS = 1 << 26  # a Box bigger than this is not a sensible observation
