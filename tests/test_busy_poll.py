@@ -23,6 +23,7 @@ from ws_gym.calls import CallBook
 from ws_gym.config import busy_poll_wanted
 from ws_gym import config as config_module
 from ws_gym.config import Transport
+from ws_gym.polling import SpinPolicy
 from ws_gym.wire import FrameConnection
 
 from .conftest import assert_same
@@ -35,16 +36,21 @@ posix_only = pytest.mark.skipif(sys.platform == "win32", reason="busy polling is
 # ----------------------------------------------------------- when it is on (pure)
 
 
-def test_busy_poll_is_chosen_where_a_core_is_spare(monkeypatch):
-    monkeypatch.setattr(config_module, "usable_cpus", lambda: 4)
+def test_busy_poll_is_chosen_with_local_workers_whatever_the_cores(monkeypatch):
+    """The spin adapts (ws_gym.polling.SpinPolicy): the default no longer
+    counts cores, as it stops spinning by itself where a core is not spare."""
     on_posix = os.name == "posix"
-    assert busy_poll_wanted(None, 3, "sync", tls=False) is on_posix  # 3 workers + the caller: 4 cores
-    assert busy_poll_wanted(None, 4, "sync", tls=False) is False  # no core left for the caller
+    for cpus in (1, 2, 4):
+        monkeypatch.setattr(config_module, "usable_cpus", lambda: cpus)
+        assert busy_poll_wanted(None, 1, "sync", tls=False) is on_posix
+        assert busy_poll_wanted(None, 3, "sync", tls=False) is on_posix  # more workers than spare cores too
+        assert busy_poll_wanted(None, 4, "sync", tls=False) is on_posix
     assert busy_poll_wanted(None, 0, "sync", tls=False) is False  # remote workers only: ask for it
     assert busy_poll_wanted(None, 1, "async", tls=False) is False  # the envs' subprocesses need the cores
+    assert busy_poll_wanted(None, 1, "sync", tls=True) is False  # TLS: the loop decrypts
     assert busy_poll_wanted(True, 0, "sync", tls=False) is on_posix
     assert busy_poll_wanted(False, 1, "sync", tls=False) is False
-    assert busy_poll_wanted(True, 1, "sync", tls=True) is False  # TLS: the loop decrypts
+    assert busy_poll_wanted(True, 1, "sync", tls=True) is False
     with pytest.raises(TypeError, match="busy_poll"):
         busy_poll_wanted("yes", 1, "sync", tls=False)
 
@@ -121,6 +127,43 @@ def test_a_polled_connection_is_read_by_the_polling_thread():
 
 async def _is_reading(conn: FrameConnection) -> bool:
     return conn.transport.is_reading()
+
+
+@posix_only
+def test_a_worker_stops_spinning_after_replies_when_requests_come_slowly():
+    """A worker's read-on after each message (poll_after) is adaptive: when
+    the next message never comes within the spin, the connection's SpinPolicy
+    does not spin (its probe of spinning loses), and every message is still
+    handled."""
+    loop = loops.new_event_loop()
+    ours, peer = socket.socketpair()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    seen: list = []
+    try:
+        async def setup():
+            transport, _ = await loop.connect_accepted_socket(_Sink, ours)
+            conn, _ = FrameConnection.take_over(transport, client=False, max_size=1 << 20, loop=loop,
+                                                on_message=lambda data: seen.append(bytes(data)))
+            assert conn.enable_direct()
+            conn.poll_after = 0.0005
+            return conn
+
+        conn = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
+        count = 3 * SpinPolicy.BLOCK  # a block off, a probe of spinning, and on
+        for i in range(count):
+            peer.sendall(b"".join(F.frame(F.OP_BINARY, b"%d" % i, masked=True)))
+            time.sleep(0.003)  # long past the spin
+        wait_until(lambda: len(seen) == count, 10, "the messages to be handled")
+        policy = conn._spin
+        assert policy is not None and policy.limit == 0.0005
+        assert policy.probes >= 1 and policy.switches == 0, policy  # spinning was tried, and lost
+        assert policy.spin == 0.0 or policy._probing, policy  # it spins at most in a probe
+        assert seen == [b"%d" % i for i in range(count)]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        peer.close()
 
 
 # ------------------------------------------------------------------ end to end

@@ -31,8 +31,9 @@ log = logging.getLogger("ws_gym")
 DEFAULT_MAX_MSG_SIZE = 256 * 1024 * 1024  # bytes; the largest message either side accepts
 VECTORIZATIONS = ("sync", "async")  # how a worker runs its envs: in its process, or in subprocesses
 
-CALLER_POLL = 0.001  # seconds a caller spins on its replies before it sleeps (busy polling)
-WORKER_POLL = 0.0005  # seconds a local worker reads on after each reply (busy polling)
+# Busy polling: the longest spins; ws_gym.polling.SpinPolicy spins that long or not at all, as measured.
+CALLER_POLL = 0.001  # seconds a caller spins on its replies before it sleeps
+WORKER_POLL = 0.0005  # seconds a local worker reads on after each reply
 
 # The switches users may set, each naming the Transport field it turns off (or
 # on: WS_GYM_BUSY_POLL=1 forces polling as well).
@@ -115,17 +116,21 @@ def uvloop_installed() -> bool:
 
 
 def busy_poll_wanted(busy_poll: bool | None, local_workers: int, vectorization: str, *, tls: bool) -> bool:
-    """Whether to busy-poll (see :mod:`ws_gym.polling`): ``None`` means where it
-    pays, i.e. local workers that, with the caller, each have a core of their
-    own (a spinning thread on a shared core slows the others down). Needs POSIX
-    and plain ``ws://``."""
+    """Whether to busy-poll (see :mod:`ws_gym.polling`): ``None`` means with
+    local workers that run their envs in their own process (``"sync"``),
+    whatever the number of cores, as each side's
+    :class:`ws_gym.polling.SpinPolicy` stops spinning where it does not pay (a
+    busy machine, slow replies) and starts again when it does. Not by default
+    for remote workers only (their PCs need ``--busy-poll``) nor for
+    ``"async"`` (the envs' subprocesses need the cores). Needs POSIX and plain
+    ``ws://``."""
     if busy_poll is not None and not isinstance(busy_poll, bool):
         raise TypeError(f"busy_poll must be True, False or None, got {busy_poll!r}")
     if os.name != "posix" or tls:
         return False
     if busy_poll is not None:
         return busy_poll
-    return 0 < local_workers < usable_cpus() and vectorization == "sync"
+    return local_workers > 0 and vectorization == "sync"
 
 
 def usable_cpus() -> int:

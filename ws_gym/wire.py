@@ -147,19 +147,43 @@ class FrameConnection(asyncio.Protocol):
             self.on_control()
         return True
 
+    _spin: Any = None  # the busy poll's SpinPolicy (ws_gym.polling), made by _poll_on
+
     def _poll_on(self) -> None:
-        """A worker's busy poll: read the socket for up to ``poll_after`` seconds
-        more, so that the next request is taken without a wake-up of the loop."""
+        """A worker's busy poll: read the socket for a moment more, so that the
+        next request is taken without a wake-up of the loop.
+
+        How long is up to this connection's :class:`ws_gym.polling.SpinPolicy`
+        (at most ``poll_after`` seconds; 0 where spinning does not pay), which
+        is told of every cycle: from one message handled to the next, whether
+        the spin caught it, whether the thread lost the CPU while spinning."""
         clock = time.perf_counter
         now = clock()
-        end, limit = now + self.poll_after, now + 0.05  # back to the loop at least every 50 ms
+        policy = self._spin
+        if policy is None or policy.limit != self.poll_after:
+            from .polling import SpinPolicy
+
+            policy = self._spin = SpinPolicy(self.poll_after)
+        elif now - policy.mark < 1.0:  # the message came through the loop: no spin caught it
+            policy.record(now - policy.mark, False, self._spin_preempted)
+        policy.mark = last = now
+        preempted = False
+        stalled = policy.PREEMPTED
+        end, limit = now + policy.spin, now + 0.05  # back to the loop at least every 50 ms
         while now < end:
             got = self.poll_read()
             if got is None:
                 return  # ended
             now = clock()
             if got:
-                end = min(now + self.poll_after, limit)
+                policy.record(now - policy.mark, True, preempted)
+                policy.mark = now
+                preempted = False
+                end = min(now + policy.spin, limit)
+            elif now - last > stalled:  # read nothing, yet took long: this thread was not running
+                preempted = True
+            last = now
+        self._spin_preempted = preempted
 
     # -- polled reading ----------------------------------------------------------
 
