@@ -224,12 +224,3 @@ def test_poll_replies_reports_nothing_for_a_timeout(monkeypatch):
     policy = SpinPolicy(LIMIT)
     assert poll_replies(FakeCall(reads=10**9), 0.01, policy) == 0.0
     assert policy._n == 0 and policy.mark == 0.0  # and the next call starts no cycle
-
-
-def test_poll_replies_still_takes_seconds(monkeypatch):
-    """The former signature (the spin in seconds) gets a policy per pool."""
-    monkeypatch.setattr(polling, "wait_readable", lambda wires, timeout: None)
-    call = FakeCall(reads=2)
-    poll_replies(call, None, LIMIT)
-    policy = polling._legacy[call.batch[0][0]]
-    assert policy.limit == LIMIT and policy.mark > 0

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping
 
 from . import protocol as P
 from .errors import ProtocolError, StepTimeoutError, WorkerLostError, WsGymError
-from .polling import poll_replies
+from .polling import SpinPolicy, poll_replies
 
 from .connection import WorkerConn, WorkerState
 
@@ -126,7 +126,8 @@ class CallBook:
         self.loop_thread: int | None = None  # set by the server once its loop runs
         self.direct = direct  # the caller's thread writes requests itself (see wire.py)
         self.wait_mode = wait_mode
-        self.busy_poll = busy_poll  # seconds a waiting caller spins on its replies (0: the loop reads)
+        self.busy_poll = busy_poll  # the longest a waiting caller spins on its replies (0: the loop reads)
+        self.spin_policy = SpinPolicy(busy_poll)  # how long it spins, as measured (see polling.py)
         self.on_lost = on_lost  # (conn, why): give a worker up; it calls lose() for us
         self.plock = threading.Lock()  # conn.state and conn.pending, between caller and loop
         self.closed = False
@@ -184,7 +185,7 @@ class CallBook:
         assert threading.get_ident() != self.loop_thread, "wait() on the loop thread would wait for itself"
         left = timeout
         if self.busy_poll and not call.done:  # returns at once when no polled worker owes the call
-            left = poll_replies(call, timeout, self.busy_poll)
+            left = poll_replies(call, timeout, self.spin_policy)
         if not call.lock.acquire(timeout=-1 if left is None else left):
             if call.tolerant:  # wait mode: the slow workers are lost, the call completes
                 self.loop.call_soon_threadsafe(self._cut_off, call)

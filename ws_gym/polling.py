@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import weakref
 from typing import Any, Callable, Iterable
 
 from .wire import wait_readable
@@ -176,19 +175,6 @@ class SpinPolicy:
                 f"switches={self.switches}, probes={self.probes})")
 
 
-_legacy: "weakref.WeakKeyDictionary[Any, SpinPolicy]" = weakref.WeakKeyDictionary()
-
-
-def _policy_for(call: Any, spin: float) -> SpinPolicy:
-    """A call site that still passes seconds (the old signature): one policy per
-    first connection of the call, which stands for its pool."""
-    key = call.batch[0][0]
-    policy = _legacy.get(key)
-    if policy is None or policy.limit != spin:
-        policy = _legacy[key] = SpinPolicy(spin)
-    return policy
-
-
 def poll_replies(call: Any, timeout: float | None, policy: SpinPolicy) -> float | None:
     """Read the call's replies on this thread, spinning for as long as
     ``policy`` says, then sleeping in ``poll`` until one comes; tell the policy
@@ -197,8 +183,6 @@ def poll_replies(call: Any, timeout: float | None, policy: SpinPolicy) -> float 
     Returns what is left of ``timeout``. Stops once no polled connection
     owes the call anything (the loop completes or fails the rest).
     """
-    if isinstance(policy, (int, float)):  # the former signature: seconds
-        policy = _policy_for(call, policy)
     clock = time.perf_counter
     last = now = clock()
     deadline = None if timeout is None else now + timeout

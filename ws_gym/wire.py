@@ -148,6 +148,7 @@ class FrameConnection(asyncio.Protocol):
         return True
 
     _spin: Any = None  # the busy poll's SpinPolicy (ws_gym.polling), made by _poll_on
+    _spin_preempted = False  # the last spin lost the CPU (told to the policy with the next cycle)
 
     def _poll_on(self) -> None:
         """A worker's busy poll: read the socket for a moment more, so that the
@@ -267,7 +268,7 @@ class FrameConnection(asyncio.Protocol):
         A tuple is the message's pieces, in order (see :func:`ws_gym.frames.frame_pieces`):
         they are written as they are, and what the socket does not take at once
         is copied, so the pieces' memory may change as soon as this returns."""
-        if type(payload) is tuple:
+        if isinstance(payload, tuple):
             pieces = F.frame_pieces(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
         else:
             head, body = F.frame(F.OP_BINARY, payload, masked=self.client, key=self.mask_key)
@@ -304,7 +305,7 @@ class FrameConnection(asyncio.Protocol):
         :meth:`send_from_thread` may be used, else joined."""
         if self.close_sent or self.transport.is_closing():
             raise ConnectionResetError("the connection is closed")
-        if type(payload) is tuple:
+        if isinstance(payload, tuple):
             if self._direct is not None:
                 self.send_from_thread(payload)
                 return
@@ -383,7 +384,10 @@ def wait_readable(wires: list[FrameConnection], timeout: float) -> None:
     try:
         poller = select.poll()
         for wire in wires:
-            poller.register(wire._direct, select.POLLIN)
+            sock = wire._direct
+            if sock is None:  # closed meanwhile: the caller's read sees it at once
+                return
+            poller.register(sock, select.POLLIN)
         poller.poll(timeout * 1000)
     except (OSError, ValueError, TypeError):
         pass

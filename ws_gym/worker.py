@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="name shown in the trainer's logs (default host:pid)")
     p.add_argument("--unix-socket", default=None, help=argparse.SUPPRESS)  # local workers (POSIX)
     p.add_argument("--busy-poll", type=float, default=0.0, metavar="US",
-                   help="after each reply keep reading the socket for this many microseconds before "
-                        "sleeping: lower latency when the trainer answers fast, for CPU; needs a spare "
-                        "core (POSIX, plain ws://; default 0: off)")
+                   help="after each reply keep reading the socket for up to this many microseconds "
+                        "before sleeping, while measurement shows it pays: lower latency when the "
+                        "trainer answers fast (POSIX, plain ws://; default 0: off)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return p
