@@ -39,11 +39,16 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 
-import ws_gym  # registers ws_gym/Remote-v0
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # ws_gym from this checkout (its local workers import it too)
+
+import ws_gym  # noqa: E402  (registers ws_gym/Remote-v0)
 
 ENV_ID = "CartPole-v1"
 CASES = ("single", "vec8")
@@ -58,7 +63,8 @@ def parse_args() -> argparse.Namespace:
                    help="numbers of CPU-bound processes to run beside it (default 0 1 2 3 4)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (default 3)")
     p.add_argument("--warmup", type=float, default=1.0, help="untimed seconds of stepping after reset (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="repetitions; the median is reported (default 3)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="repetitions; the median is reported (default 5: under load single runs vary 2x)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results to PATH as JSON")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: loads 0 and 2, 0.3 s timed after 0.2 s warm-up, 1 repetition")
