@@ -53,12 +53,15 @@ def share(spun: list[bool]) -> float:
 def test_it_spins_where_spinning_is_faster_and_probes_ever_less_often():
     clock = Clock()
     policy = SpinPolicy(LIMIT, clock=clock)
-    assert policy.spin == 0.0  # off until measured
+    assert policy.spin == LIMIT  # on until measured otherwise: an idle machine gains at once
     spun = run(policy, clock, 10.0, on=50e-6, off=200e-6)  # the idle machine: ~4x
-    first = spun.index(True)  # one block off (BLOCK_TIME: 100 cycles of 200 us), then a probe
-    assert 0.9 * SpinPolicy.BLOCK_TIME / 200e-6 <= first <= 1.1 * SpinPolicy.BLOCK_TIME / 200e-6 + 1
-    assert all(spun[first:first + SpinPolicy.BLOCK])
-    assert policy.spinning and policy.switches == 1  # the probe won
+    block = int(SpinPolicy.BLOCK_TIME / 50e-6)  # one block on (BLOCK_TIME: 400 cycles of 50 us) ...
+    assert all(spun[:block - 1])
+    probe = spun.index(False)  # ... then a probe of not spinning, which loses
+    off = int(SpinPolicy.BLOCK_TIME / 200e-6)  # the probe's block: 100 cycles of 200 us
+    assert block - 2 <= probe <= block + 2 and not any(spun[probe:probe + off - 1])
+    assert all(spun[probe + off + 2:probe + off + 2 * block])  # back to spinning
+    assert policy.spinning and policy.switches == 0  # spinning never stopped but for probes
     assert share(spun) > 0.99
     # probes double their distance up to MAX_PERIOD: a few in the first second, ~1/s after
     assert 8 <= policy.probes <= 10 / (0.75 * SpinPolicy.MAX_PERIOD) + 8, policy.probes

@@ -43,7 +43,9 @@ class SpinPolicy:
     iteration that read nothing yet took longer than :data:`PREEMPTED`).
 
     The rule: the policy runs one "arm" (spin for ``limit``, or spin 0; at
-    first 0) and measures it in blocks of at least :attr:`BLOCK` cycles and
+    first ``limit``: on an idle machine it pays at once, and on a busy one the
+    first block's spins are missed or preempted, which ends them) and
+    measures it in blocks of at least :attr:`BLOCK` cycles and
     :attr:`BLOCK_TIME` seconds. Now and then it runs one block of the other
     arm (a probe) and compares the probe's mean cycle with the block's just
     before it, so load that drifts hits both
@@ -82,7 +84,7 @@ class SpinPolicy:
 
     def __init__(self, limit: float, clock: Callable[[], float] = time.perf_counter) -> None:
         self.limit = max(0.0, float(limit))  # the longest spin (seconds)
-        self.spin = 0.0  # the spin for the next wait: limit or 0.0 (off until a probe shows it pays)
+        self.spin = self.limit  # the spin for the next wait: limit or 0.0 (on until measured otherwise)
         self._clock = clock
         self._n = 0  # this block's cycles: how many, their sum, the slowest
         self._sum = 0.0
@@ -92,7 +94,7 @@ class SpinPolicy:
         self._probing = False  # this block is a probe of the other arm
         self._base = 0.0  # the mean cycle of the last block of the running arm
         self._period = self.MIN_PERIOD
-        self._probe_at = 0.0  # the first block (off) is followed by a probe of spinning at once
+        self._probe_at = 0.0  # the first block (spinning) is followed by a probe of not spinning at once
         self.mark = 0.0  # the owner's: when the last cycle ended (0: none yet)
         self.switches = 0  # statistics, for tests and benchmarks
         self.probes = 0
