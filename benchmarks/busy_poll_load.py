@@ -17,12 +17,15 @@ measures env-steps per second of
 * ``vec8``: 8 CartPole-v1 over 2 local workers
   (``gym.make_vec("ws_gym/Remote-v0", num_envs=8, env_id="CartPole-v1", local_workers=2, port=0, busy_poll=X)``),
 
-with ``X = None`` (the default) and ``X = False``, alternating which goes first,
-each built, reset and warmed up (untimed), then stepped for a fixed time, and
-closed again. It prints the medians over the repetitions and the ratio
-default / False per load level, then a verdict against the goals.
+with ``X = None`` (the default) and ``X = False`` as a pair: both envs built at
+once (fresh workers each), reset and warmed up (untimed), then stepped in
+turns of a quarter second until each has stepped for ``--seconds``, and closed
+again; which goes first alternates. On a loaded machine single runs vary 2x
+with where the scheduler puts the processes; a pair shares that luck. It
+prints the medians over the repetitions and, per load level, the median of the
+pairs' ratios default / False, then a verdict against the goals.
 
-    python benchmarks/busy_poll_load.py            # default: about 5 minutes on 2 cores
+    python benchmarks/busy_poll_load.py            # default: about 8 minutes on 2 cores
     python benchmarks/busy_poll_load.py --quick    # smoke test: well under a minute
     python benchmarks/busy_poll_load.py --loads 0 3 --repeats 5 --json out.json
 """
@@ -139,21 +142,40 @@ def step_for(env: Any, actions: list, seconds: float, vector: bool) -> int:
             return calls * (8 if vector else 1)
 
 
-def measure(case: str, busy_poll: bool | None, args: argparse.Namespace) -> float:
-    """Env-steps/s of one fresh env: built, reset, warmed up, timed, closed (always)."""
-    env = make(case, busy_poll)
+CHUNK = 0.25  # seconds one setting steps before the other takes over (a paired measurement)
+
+
+def measure_pair(case: str, args: argparse.Namespace, first: int) -> dict[bool | None, float]:
+    """Env-steps/s of both settings, as a pair: both envs built at once (fresh
+    workers each) and stepped in turns of :data:`CHUNK` seconds, so that the
+    load's ups and downs and where the scheduler put the processes hit both
+    alike. ``first``: which setting starts (alternated between repetitions)."""
+    envs: dict[bool | None, Any] = {}
     try:
-        env.reset(seed=0)  # waits for the local workers
-        env.action_space.seed(0)
-        actions = [env.action_space.sample() for _ in range(256)]
+        for busy_poll in SETTINGS:
+            envs[busy_poll] = make(case, busy_poll)
+        actions = {}
+        for busy_poll, env in envs.items():
+            env.reset(seed=0)  # waits for the local workers
+            env.action_space.seed(0)
+            actions[busy_poll] = [env.action_space.sample() for _ in range(256)]
         vector = case == "vec8"
+        order = SETTINGS if first == 0 else SETTINGS[::-1]
+        chunk = min(CHUNK, args.seconds)
         if args.warmup:
-            step_for(env, actions, args.warmup, vector)
-        start = time.perf_counter()
-        steps = step_for(env, actions, args.seconds, vector)
-        return steps / (time.perf_counter() - start)
+            for busy_poll in order:
+                step_for(envs[busy_poll], actions[busy_poll], args.warmup, vector)
+        steps = dict.fromkeys(SETTINGS, 0)
+        spent = dict.fromkeys(SETTINGS, 0.0)
+        while min(spent.values()) < args.seconds:
+            for busy_poll in order:
+                start = time.perf_counter()
+                steps[busy_poll] += step_for(envs[busy_poll], actions[busy_poll], chunk, vector)
+                spent[busy_poll] += time.perf_counter() - start
+        return {busy_poll: steps[busy_poll] / spent[busy_poll] for busy_poll in SETTINGS}
     finally:
-        env.close()
+        for env in envs.values():
+            env.close()
 
 
 def loadavg() -> str:
@@ -196,19 +218,17 @@ def main() -> int:
         with Hogs(load):
             for rep in range(args.repeats):
                 for case in CASES:
-                    order = SETTINGS if (rep + CASES.index(case)) % 2 == 0 else SETTINGS[::-1]
-                    for busy_poll in order:
-                        rate = measure(case, busy_poll, args)
+                    pair = measure_pair(case, args, (rep + CASES.index(case)) % 2)
+                    for busy_poll, rate in pair.items():
                         rates[case, label(busy_poll)].append(rate)
-                        print(f"  load {load}  round {rep + 1}/{args.repeats}  {case:<6} "
-                              f"busy_poll={label(busy_poll):<7}"
-                              f" {rate:>9,.0f} env-steps/s", flush=True)
+                    print(f"  load {load}  round {rep + 1}/{args.repeats}  {case:<6} "
+                          f"default {pair[None]:>9,.0f}  False {pair[False]:>9,.0f} env-steps/s", flush=True)
             print(f"  load {load}: load average {loadavg()}", flush=True)
     total = time.perf_counter() - started
 
     print()
     header = (f"{'load':>4}  {'case':<6}  {'default':>9}  {'False':>9}  {'ratio':>6}  "
-              "repetitions default | False (env-steps/s)")
+              "repetitions default | False (env-steps/s); ratio: the median of the pairs' ratios")
     print(header)
     print("-" * len(header))
     ratios: dict[int, dict[str, float]] = {}
@@ -216,7 +236,7 @@ def main() -> int:
         ratios[load] = {}
         for case in CASES:
             on, off = rates[case, "default"], rates[case, "False"]
-            ratio = statistics.median(on) / statistics.median(off)
+            ratio = statistics.median(a / b for a, b in zip(on, off))  # the pairs' ratios
             ratios[load][case] = ratio
             reps = ", ".join(f"{r:,.0f}" for r in on) + " | " + ", ".join(f"{r:,.0f}" for r in off)
             print(f"{load:>4}  {case:<6}  {statistics.median(on):>9,.0f}  {statistics.median(off):>9,.0f}  "
