@@ -133,14 +133,6 @@ def busy_poll_wanted(busy_poll: bool | None, local_workers: int, vectorization: 
     return local_workers > 0 and vectorization == "sync"
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def check_vectorization(value: Any) -> str:
     if value not in VECTORIZATIONS:
         raise ValueError(f"vectorization must be one of {list(VECTORIZATIONS)}, got {value!r}")
