@@ -18,7 +18,7 @@ import ws_gym  # noqa: F401  (registers ws_gym/Remote-v0)
 from ws_gym.config import Transport
 from ws_gym import frames as F
 from ws_gym import loops
-from ws_gym.wire import FrameConnection
+from ws_gym.wire import FrameConnection, FrameState
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="direct writes are POSIX only")
 
@@ -127,7 +127,9 @@ def test_a_closed_connection_refuses_writes_and_the_peer_sees_the_end():
         async def run():
             conn = await _server_side(loop, ours)
             conn.enable_direct()
+            assert conn.state is FrameState.OPEN and not conn.close_sent and not conn.ended
             conn.close(F.CLOSE_GOING_AWAY, "bye")
+            assert conn.state is FrameState.CLOSE_SENT and conn.close_sent and not conn.ended
             with pytest.raises(ConnectionResetError):
                 conn.send(b"late")
             with pytest.raises(ConnectionResetError):
@@ -164,7 +166,8 @@ def test_a_peers_close_frame_is_checked_before_it_is_answered(payload, code):
         data = _read_to_end(peer)
         (op, answer), = F.FrameParser(max_size=1000, masked=False).feed(data)
         assert op == F.OP_CLOSE and F.parse_close(answer)[0] == code
-        if code == 4001:
+        if code == 4001:  # the peer's half ended, and ours answered it
+            assert conn.state is FrameState.CLOSED and conn.ended and conn.close_sent
             assert conn.done.result() == (4001, "ok")
         else:
             assert isinstance(conn.done.exception(), F.FrameError)

@@ -29,6 +29,7 @@ the loop, which alone touches the transport.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import select
@@ -40,6 +41,23 @@ from typing import Any, Callable
 from . import frames as F
 
 log = logging.getLogger("ws_gym")
+
+
+class FrameState(enum.Enum):
+    """Where a connection's two halves are, as websockets' ``State``.
+
+    The halves end apart: ours once our close frame is out (nothing more is
+    written), the peer's once its close frame, the end of the stream or a
+    broken frame came (nothing more is read). Different threads end them (the
+    loop writes the close; a busy-polling caller may read the end), so a
+    change goes through :meth:`FrameConnection._end_half` under a lock; reads
+    need none.
+    """
+
+    OPEN = "open"
+    CLOSE_SENT = "close sent"  # our half ended; the peer's may still send
+    ENDED = "ended"  # the peer's half ended; the loop is finishing the connection
+    CLOSED = "closed"  # both
 
 
 class FrameConnection(asyncio.Protocol):
@@ -69,7 +87,8 @@ class FrameConnection(asyncio.Protocol):
         self.on_message = on_message
         self.on_control = on_control  # any frame at all arrived (heartbeats)
         self.done: asyncio.Future = loop.create_future()
-        self.close_sent = False
+        self.state = FrameState.OPEN
+        self._slock = threading.Lock()  # state changes (see FrameState)
         self._write = transport.write
         self._writelines = transport.writelines
         self._loop = loop
@@ -78,10 +97,28 @@ class FrameConnection(asyncio.Protocol):
         self._queued: list = []  # bytes for the loop to write, in order (send_from_thread's overflow)
         self._loop_thread = threading.get_ident()  # made on the loop's thread
         self.polled = False  # the transport no longer reads: poll_read does (claim_reading)
-        self.ended = False  # the stream ended or broke; the loop is finishing the connection
         self.rlock = threading.RLock()  # polled: one reader at a time (the loop may re-enter)
         self.poll_after = 0.0  # seconds to keep reading after a message was handled (a worker's busy poll)
         self.mask_key: bytes | None = None  # a client's fixed masking key (F.ZERO_KEY on a private Unix socket)
+
+    @property
+    def close_sent(self) -> bool:
+        """Our half has ended: nothing more is written."""
+        state = self.state
+        return state is FrameState.CLOSE_SENT or state is FrameState.CLOSED
+
+    @property
+    def ended(self) -> bool:
+        """The peer's half has ended: nothing more is read."""
+        state = self.state
+        return state is FrameState.ENDED or state is FrameState.CLOSED
+
+    def _end_half(self, half: FrameState) -> None:
+        """End one half (:attr:`FrameState.CLOSE_SENT` or :attr:`FrameState.ENDED`)."""
+        with self._slock:
+            state = self.state
+            if state is not half and state is not FrameState.CLOSED:
+                self.state = half if state is FrameState.OPEN else FrameState.CLOSED
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, **kwargs: Any) -> tuple["FrameConnection", Any]:
@@ -117,7 +154,7 @@ class FrameConnection(asyncio.Protocol):
                     return False
             else:
                 if op == F.OP_CLOSE:
-                    self.ended = True  # the loop answers it and ends the connection
+                    self._end_half(FrameState.ENDED)  # the loop answers it and ends the connection
                 self._on_loop(self._control, op, payload)
             if self.ended or self.done.done():
                 return False
@@ -138,7 +175,7 @@ class FrameConnection(asyncio.Protocol):
                 return False
             if not self.close_sent:
                 self._send(F.OP_CLOSE, F.close_payload(code if code != 1005 else F.CLOSE_NORMAL))
-                self.close_sent = True
+                self._end_half(FrameState.CLOSE_SENT)
             self.transport.close()
             self._resolve((code, reason))
             return False
@@ -230,7 +267,7 @@ class FrameConnection(asyncio.Protocol):
 
     def _end(self, exc: BaseException) -> None:
         """Reading met the end of the stream (or it broke): the loop ends the connection."""
-        self.ended = True
+        self._end_half(FrameState.ENDED)
         if isinstance(exc, F.FrameError):
             self._on_loop(self._fail, exc, exc.code, exc.reason)
         else:
@@ -341,8 +378,8 @@ class FrameConnection(asyncio.Protocol):
         """Send a close frame and close the transport once it is written."""
         if not self.close_sent and not self.transport.is_closing():
             self._send(F.OP_CLOSE, F.close_payload(code, reason))
-        with self._wlock:
-            self.close_sent = True
+        with self._wlock:  # a caller thread's send sees it under this lock
+            self._end_half(FrameState.CLOSE_SENT)
         self.transport.close()
 
     def abort(self) -> None:
