@@ -33,43 +33,49 @@ def run_side_by_side(env_id, num_envs, local_workers, mode, steps, env_kwargs=No
         connect_timeout=60,
     )
     try:
-        assert remote.metadata["autoreset_mode"] is mode
-        assert remote.single_observation_space == ref.single_observation_space
-        assert remote.single_action_space == ref.single_action_space
-        assert remote.observation_space == ref.observation_space
-        assert remote.action_space == ref.action_space
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            got = remote.reset(seed=123)
-        want = ref.reset(seed=123)
-        assert_same(got, want, "reset", opaque_ok)
-        ref.action_space.seed(7)
-        ends = 0
-        for t in range(steps):
-            actions = ref.action_space.sample()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                got = remote.step(actions)
-            want = ref.step(actions)
-            assert_same(got, want, f"step {t}", opaque_ok)
-            done = np.logical_or(want[2], want[3])
-            ends += int(done.sum())
-            if mode is AutoresetMode.DISABLED and done.any():
-                options = {"reset_mask": done}
-                got = remote.reset(seed=1000 + t, options=dict(options))
-                want = ref.reset(seed=1000 + t, options=dict(options))
-                assert_same(got, want, f"masked reset {t}", opaque_ok)
-            elif t % 37 == 36:  # an explicit partial reset in the other modes too
-                mask = np.zeros(num_envs, dtype=np.bool_)
-                mask[t % num_envs] = True
-                got = remote.reset(options={"reset_mask": mask})
-                want = ref.reset(options={"reset_mask": mask.copy()})
-                assert_same(got[1], want[1], f"masked reset infos {t}", opaque_ok)
-                assert_same(got[0], want[0], f"masked reset obs {t}", opaque_ok)
-        assert ends > 0, "the test must cross episode ends"
+        return step_side_by_side(remote, ref, mode, num_envs, steps, opaque_ok)
     finally:
         remote.close()
         ref.close()
+
+
+def step_side_by_side(remote, ref, mode, num_envs, steps, opaque_ok=False):
+    """Reset, step (with masked resets) and compare ``remote`` with ``ref``
+    exactly; returns how many episodes ended (the caller closes both)."""
+    assert remote.metadata["autoreset_mode"] is mode
+    assert remote.single_observation_space == ref.single_observation_space
+    assert remote.single_action_space == ref.single_action_space
+    assert remote.observation_space == ref.observation_space
+    assert remote.action_space == ref.action_space
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = remote.reset(seed=123)
+    want = ref.reset(seed=123)
+    assert_same(got, want, "reset", opaque_ok)
+    ref.action_space.seed(7)
+    ends = 0
+    for t in range(steps):
+        actions = ref.action_space.sample()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = remote.step(actions)
+        want = ref.step(actions)
+        assert_same(got, want, f"step {t}", opaque_ok)
+        done = np.logical_or(want[2], want[3])
+        ends += int(done.sum())
+        if mode is AutoresetMode.DISABLED and done.any():
+            options = {"reset_mask": done}
+            got = remote.reset(seed=1000 + t, options=dict(options))
+            want = ref.reset(seed=1000 + t, options=dict(options))
+            assert_same(got, want, f"masked reset {t}", opaque_ok)
+        elif t % 37 == 36:  # an explicit partial reset in the other modes too
+            mask = np.zeros(num_envs, dtype=np.bool_)
+            mask[t % num_envs] = True
+            got = remote.reset(options={"reset_mask": mask})
+            want = ref.reset(options={"reset_mask": mask.copy()})
+            assert_same(got[1], want[1], f"masked reset infos {t}", opaque_ok)
+            assert_same(got[0], want[0], f"masked reset obs {t}", opaque_ok)
+    assert ends > 0, "the test must cross episode ends"
     return ends
 
 

@@ -54,7 +54,8 @@ def test_no_module_is_long(path):
 def test_the_switches_are_read_in_config_only():
     """``WS_GYM_*`` switch names (outside docstrings and comments) and reads of
     the environment appear in config.py only; local.py copies the environment for
-    its child processes and the worker CLI reads its token."""
+    its child processes, and the worker and relay CLIs read their tokens (and
+    the worker's, its proxy variables)."""
     found = []
     for path in MODULES:
         module = tree(path)
@@ -66,7 +67,7 @@ def test_the_switches_are_read_in_config_only():
                 found.append(f"{path.name}:{node.lineno} names {node.value!r}")
             if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
                     and isinstance(node.value, ast.Name) and node.value.id == "os"
-                    and path.stem not in ("config", "local", "worker")):
+                    and path.stem not in ("config", "local", "worker", "relay")):
                 found.append(f"{path.name}:{node.lineno} reads os.{node.attr}")
     assert found == []
 

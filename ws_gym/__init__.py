@@ -16,6 +16,7 @@ from .errors import (
     ConnectTimeoutError,
     HandshakeError,
     ProtocolError,
+    RelayError,
     RemoteEnvError,
     StepTimeoutError,
     UnsupportedSpaceError,
@@ -38,6 +39,7 @@ __all__ = [
     "WorkerLostError",
     "ConnectTimeoutError",
     "StepTimeoutError",
+    "RelayError",
     "PROTOCOL_VERSION",
 ]
 

@@ -6,6 +6,9 @@ with backoff until the trainer is up, says why it gives up (exit codes in
 (:func:`env_allowed`), makes it (:class:`~ws_gym.host.EnvHost`) and serves the
 session over a link (:mod:`ws_gym.worker_links`) until the trainer closes or the
 link drops. The command line is :mod:`ws_gym.worker`.
+
+Behind an HTTP proxy, :func:`ws_gym.proxies.proxy_for` decides which proxy
+(if any) a worker dials through.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import os
 import random
 import socket
 import ssl
-from typing import Any, Literal, overload
+from typing import Any, Literal, Mapping, overload
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -28,6 +32,7 @@ from .errors import HandshakeError, ProtocolError
 from .config import DEFAULT_MAX_MSG_SIZE as DEFAULT_MAX_MSG
 from .config import check_vectorization
 from .host import EnvHost
+from .proxies import choose_proxy, without_credentials
 from .liveness import WorkerLiveness, check_interval, give_up_unacked, unacked_limit
 from .worker_links import AiohttpLink, SessionClosed, WireLink
 from .wsio import receive_message
@@ -47,6 +52,10 @@ EXIT_NOT_FOUND = P.EXIT_NOT_FOUND
 # takes seconds, later versions a ClientWSTimeout: the type depends on the version.)
 _WS_TIMEOUT: Any = aiohttp.ClientWSTimeout(ws_close=2.0) if hasattr(aiohttp, "ClientWSTimeout") else 2.0
 
+
+# aiohttp >= 3.11 tells a failed name lookup apart
+_DNS_ERRORS: tuple[type[Exception], ...] = tuple(
+    e for e in (getattr(aiohttp, "ClientConnectorDNSError", None),) if e is not None)
 
 RETURN_BACKOFF_CAP = 2.0  # seconds between a served worker's attempts to dial in again, at most
 
@@ -129,8 +138,11 @@ class Worker:
         vectorization: str = "sync",
         unix_socket: str | None = None,
         busy_poll: float = 0.0,
+        proxy: str | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url
+        self._shown_url = without_credentials(url)  # what the logs say
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll!r}")
         self.busy_poll = busy_poll  # seconds to keep reading after each reply (POSIX, plain ws)
@@ -139,6 +151,11 @@ class Worker:
         self.vectorization = check_vectorization(vectorization)
         self.insecure = insecure
         self._ssl = client_ssl(url, cafile=cafile, insecure=insecure, cert_fingerprint=cert_fingerprint)
+        # A Unix socket is this machine's: never through a proxy (see proxy_for for the rest).
+        chosen = None if unix_socket else choose_proxy(url, proxy, environ or {})
+        self.proxy: str | None = chosen[0] if chosen else None  # credentials included: never log it
+        self._proxy_source = chosen[1] if chosen else ""  # --proxy or the variable that named it
+        self._shown_proxy = without_credentials(self.proxy) if self.proxy else ""
         self.env_id = env_id
         self.num_envs = num_envs
         self.env_kwargs = env_kwargs
@@ -160,24 +177,30 @@ class Worker:
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=3)
         delays = backoff_delays()
         waited_since = loop.time()
-        announced = tls_warned = False
+        announced = proxy_announced = tls_warned = ws_hinted = False
         last_refusal = None
+        last_proxy_refusal: int | None = None
+        url = self._shown_url
+        via = f" through proxy {self._shown_proxy}" if self.proxy else ""
         if self.insecure:
             log.warning(
                 "--insecure: the trainer's TLS certificate is NOT verified. Anyone on the network "
                 "path can pose as the trainer, read the token and have this worker run envs for "
                 "them. Use --cafile with the trainer's certificate or CA instead."
             )
+        if self.proxy:
+            log.info("connecting to %s through proxy %s", url, self._shown_proxy)
         connector = aiohttp.UnixConnector(path=self.unix_socket) if self.unix_socket else None
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             while True:
+                proxy_down = None  # why the proxy could not be reached, at this attempt
                 try:
                     async with session.ws_connect(
                         self.url, headers=headers, max_msg_size=self.max_msg_size,
                         compress=0, autoping=False, autoclose=True, ssl=self._ssl,
-                        timeout=_WS_TIMEOUT,
+                        timeout=_WS_TIMEOUT, proxy=self.proxy,
                     ) as ws:
-                        log.info("connected to %s%s", self.url,
+                        log.info("connected to %s%s%s", url, via,
                                  " (certificate NOT verified: --insecure)" if self.insecure else "")
                         try:
                             await self._session(ws)
@@ -200,17 +223,35 @@ class Worker:
                         finally:
                             self._close_envs()
                         waited_since = loop.time()
+                except aiohttp.ClientHttpProxyError as exc:  # the proxy answered CONNECT with no tunnel
+                    if exc.status == 407:
+                        return self._proxy_auth_failed(exc.status, exc.message)
+                    if exc.status in (502, 503, 504):  # it cannot reach the trainer: not up yet, maybe
+                        if not announced:
+                            log.info("waiting for the trainer at %s: the proxy at %s cannot reach it (%s %s)",
+                                     url, self._shown_proxy, exc.status, exc.message)
+                            announced = True
+                    else:  # once per status, not at every attempt
+                        log.log(logging.DEBUG if exc.status == last_proxy_refusal else logging.WARNING,
+                                "the proxy at %s refused to connect to %s (%s %s); retrying",
+                                self._shown_proxy, self._target(), exc.status, exc.message)
+                        last_proxy_refusal = exc.status
                 except aiohttp.WSServerHandshakeError as exc:
+                    if exc.status == 407 and self.proxy:  # ws://: the proxy answers the upgrade itself
+                        return self._proxy_auth_failed(exc.status, exc.message)
+                    hint = "" if ws_hinted else self._ws_proxy_hint()  # once
+                    ws_hinted = ws_hinted or bool(hint)
                     if exc.status == 403:  # not about a token: e.g. a proxied connection to a trainer without one
-                        log.error("the trainer at %s refused this worker (403 %s): the trainer's log says why%s",
-                                  self.url, exc.message, "" if self.token else
-                                  f" (a trainer reached through a proxy needs a token: set {TOKEN_ENV} or --token)")
+                        log.error("the trainer at %s refused this worker (403 %s): the trainer's log says why%s%s",
+                                  url, exc.message, "" if self.token else
+                                  f" (a trainer reached through a proxy needs a token: set {TOKEN_ENV} or --token)",
+                                  hint)
                         return EXIT_UNAUTHORIZED
                     if exc.status == 404:  # retrying cannot fix a wrong path
                         log.error("no WebSocket endpoint at %s (404 %s): the trainer's path is /ws, and behind "
                                   "a reverse proxy the URL must include the proxy's path prefix (e.g. "
-                                  "wss://trainer.example/PREFIX/ws); use the URL the trainer prints. Not retrying",
-                                  self.url, exc.message)
+                                  "wss://trainer.example/PREFIX/ws); use the URL the trainer prints. Not retrying%s",
+                                  url, exc.message, hint)
                         return EXIT_NOT_FOUND
                     if exc.status == 401 and not self.token:
                         log.error("the trainer requires a token and this worker has none (%s %s): "
@@ -223,9 +264,9 @@ class Worker:
                                   exc.status, exc.message, TOKEN_ENV)
                         return EXIT_UNAUTHORIZED
                     if exc.status == 503:
-                        log.warning("the trainer at %s is busy or closing (503 %s); retrying", self.url, exc.message)
+                        log.warning("the trainer at %s is busy or closing (503 %s); retrying", url, exc.message)
                     else:
-                        log.warning("handshake with %s failed: %s %s", self.url, exc.status, exc.message)
+                        log.warning("handshake with %s failed: %s %s%s", url, exc.status, exc.message, hint)
                 except aiohttp.ServerFingerprintMismatch as exc:
                     log.error("the trainer's TLS certificate is not the expected one (SHA-256 %s, "
                               "--cert-fingerprint %s); not connecting", exc.got.hex(), exc.expected.hex())
@@ -234,30 +275,82 @@ class Worker:
                     log.error(
                         "the trainer's TLS certificate at %s failed verification: %s. For a self-signed "
                         "certificate or a private CA pass --cafile with it; not connecting (retrying "
-                        "cannot fix this)", self.url, exc.certificate_error,
+                        "cannot fix this)", url, exc.certificate_error,
                     )
                     return EXIT_UNTRUSTED
                 except aiohttp.ClientConnectorSSLError as exc:
                     if not tls_warned:  # e.g. wss:// to a trainer without TLS: it may restart with TLS
                         log.warning("TLS handshake with %s failed (%s); does the trainer serve wss:// "
-                                    "(certfile= or ssl_context=)? retrying", self.url, exc.os_error)
+                                    "(certfile= or ssl_context=)? retrying", url, exc.os_error)
                         tls_warned = True
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                    if not announced:
-                        log.info("waiting for the trainer at %s (%s)", self.url, exc.__class__.__name__)
+                    proxy_down = self._proxy_unreachable(exc)
+                    if proxy_down is not None:
+                        if not proxy_announced:
+                            log.info("waiting for the proxy at %s (%s); retrying", self._shown_proxy, proxy_down)
+                            proxy_announced = True
+                    elif not announced:
+                        log.info("waiting for the trainer at %s%s (%s)", url, via, exc.__class__.__name__)
                         announced = True
                     if (isinstance(exc, aiohttp.ServerDisconnectedError) and not tls_warned
                             and self.url.lower().startswith("ws://")):
                         log.warning("%s hung up at once: if the trainer serves TLS, its URL starts "
-                                    "with wss://; retrying", self.url)
+                                    "with wss://; retrying%s", url, self._ws_proxy_hint())
                         tls_warned = True
                 if self._delays_reset:  # a session was served: start backing off afresh, and
                     # back off less far: the link of a PC that served is likely to return soon
                     delays, self._delays_reset = backoff_delays(cap=RETURN_BACKOFF_CAP), False
                 if self.retry_timeout is not None and loop.time() - waited_since > self.retry_timeout:
-                    log.error("no trainer at %s after %.0f s; giving up", self.url, self.retry_timeout)
+                    if proxy_down is not None:
+                        log.error("the proxy at %s is still unreachable (%s) after %.0f s; giving up",
+                                  self._shown_proxy, proxy_down, self.retry_timeout)
+                    else:
+                        log.error("no trainer at %s%s after %.0f s; giving up", url, via, self.retry_timeout)
                     return EXIT_GAVE_UP
                 await asyncio.sleep(next(delays))
+
+    def _target(self) -> str:
+        """The trainer's host:port, as a CONNECT names it."""
+        parts = urlsplit(self.url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        host = parts.hostname or "?"
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{port or (443 if parts.scheme.lower() == 'wss' else 80)}"
+
+    def _proxy_unreachable(self, exc: BaseException) -> str | None:
+        """Why the proxy cannot be reached, when that is what ``exc`` says (None otherwise)."""
+        if not self.proxy or not isinstance(exc, aiohttp.ClientConnectorError):
+            return None
+        os_error = exc.os_error
+        # through a proxy only the proxy's name is resolved here (the proxy resolves the trainer's)
+        if isinstance(exc, _DNS_ERRORS) or isinstance(os_error, socket.gaierror):
+            return f"cannot resolve its name: {os_error.strerror or os_error}"
+        if not isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return None
+        if isinstance(os_error, ConnectionRefusedError):
+            return "connection refused"
+        return os_error.strerror or os_error.__class__.__name__
+
+    def _proxy_auth_failed(self, status: int, message: str) -> int:
+        """Log a proxy's 407 (naming the proxy, never its password); the exit code."""
+        if urlsplit(self.proxy or "").username is not None:
+            log.error("the proxy at %s rejected this worker's credentials (%s %s): check the user and "
+                      "password in %s; not retrying", self._shown_proxy, status, message, self._proxy_source)
+        else:
+            log.error("the proxy at %s requires authentication (%s %s): give its user and password in the "
+                      "proxy URL, http://USER:PASSWORD@HOST:PORT (%s); not retrying",
+                      self._shown_proxy, status, message, self._proxy_source)
+        return EXIT_UNAUTHORIZED
+
+    def _ws_proxy_hint(self) -> str:
+        if not (self.proxy and self.url.lower().startswith("ws://")):
+            return ""
+        return (f". Through a proxy ({self._shown_proxy}) a ws:// URL is not tunnelled: the upgrade goes to "
+                "the proxy as GET ws://HOST:PORT/PATH, which most proxies refuse; use the trainer's wss:// "
+                "URL, which the proxy tunnels with CONNECT")
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         await ws.send_bytes(codec.encode(

@@ -28,6 +28,7 @@ from gymnasium.vector import AutoresetMode
 
 log = logging.getLogger("ws_gym")
 
+RELAY_TOKEN_ENV = "WS_GYM_RELAY_TOKEN"  # the relay's trainer token (relay_token=, the relay's --trainer-token)
 DEFAULT_MAX_MSG_SIZE = 256 * 1024 * 1024  # bytes; the largest message either side accepts
 VECTORIZATIONS = ("sync", "async")  # how a worker runs its envs: in its process, or in subprocesses
 
@@ -203,6 +204,16 @@ class RemoteConfig:
         busy_poll: ``None`` decides where it pays; ``True``/``False`` forces it.
         public_url: the ``ws(s)://`` URL workers dial when it is not the
             listening address (a reverse proxy).
+        relay: a relay's ``ws(s)://`` URL (``python -m ws_gym.relay``): the
+            trainer dials it and listens on no port; workers dial the room's
+            URL it gets (``envs.url``). Local workers still dial the trainer,
+            on loopback.
+        relay_token: the relay's trainer token (default: the
+            ``WS_GYM_RELAY_TOKEN`` variable).
+        relay_cafile: a CA bundle (or the relay's certificate) to verify a
+            ``wss://`` relay with; default: the system's CAs.
+        relay_proxy: an HTTP proxy to reach the relay through; default: the
+            ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables.
 
     Raises:
         TypeError, ValueError: an option of the wrong type or out of range.
@@ -231,6 +242,10 @@ class RemoteConfig:
     on_worker_lost: str = "raise"
     busy_poll: bool | None = None
     public_url: str | None = None
+    relay: str | None = None
+    relay_token: str | None = field(default=None, repr=False)
+    relay_cafile: str | None = None
+    relay_proxy: str | None = None
     transport: Transport | None = field(default=None, repr=False)  # None: from the environment
 
     @classmethod
@@ -277,9 +292,35 @@ class RemoteConfig:
             raise TypeError(f"busy_poll must be True, False or None, got {self.busy_poll!r}")
         if self.transport is not None and not isinstance(self.transport, Transport):
             raise TypeError(f"transport must be a ws_gym.config.Transport, got {type(self.transport).__name__}")
+        if self.relay is not None:
+            self._check_relay()
         self.connect_timeout = float(self.connect_timeout)
         self.step_timeout = None if self.step_timeout is None else float(self.step_timeout)
         self.handshake_timeout = float(self.handshake_timeout)
+
+    def _check_relay(self) -> None:
+        from .relay_link import check_relay_url
+
+        self.relay = check_relay_url(self.relay)
+        if self.relay_token is None:
+            self.relay_token = os.environ.get(RELAY_TOKEN_ENV) or None
+        if not isinstance(self.relay_token, str) or not self.relay_token:
+            raise ValueError(f"relay= needs relay_token= (the relay's --trainer-token) or {RELAY_TOKEN_ENV}")
+        if self.public_url is not None:
+            raise ValueError("pass relay= or public_url=, not both: with a relay, workers dial the relay")
+        if self.ssl_context is not None or self.certfile is not None:
+            raise ValueError("with relay=, TLS is the relay's (its --certfile): the trainer serves no "
+                             "certificate itself; drop certfile=/ssl_context=")
+        if self.token == "":
+            raise ValueError("token='' with relay=: a relay is public, so its workers need a token; "
+                             "leave token= out to have one generated")
+
+    def relay_route(self) -> str | None:
+        """The proxy the trainer dials its relay through: ``relay_proxy``, else
+        the environment's (see :func:`ws_gym.proxies.proxy_for`)."""
+        from .proxies import proxy_for
+
+        return None if self.relay is None else proxy_for(self.relay, self.relay_proxy, os.environ)
 
     @property
     def wait_mode(self) -> bool:

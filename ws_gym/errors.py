@@ -120,3 +120,12 @@ class StepTimeoutError(WsGymError, TimeoutError):
     its late result is dropped: call ``reset()`` before stepping again. For envs
     that are just slow, raise ``step_timeout`` (``None`` waits for ever).
     """
+
+
+class RelayError(WsGymError, ConnectionError):
+    """Raised when a trainer with ``relay=`` cannot get its room from the relay.
+
+    Examples: the relay refused the trainer token (401), it has no room left
+    (503), it cannot be reached within the time allowed. Once the room is
+    open, a lost relay is dialed again in the background (the error is logged).
+    """

@@ -40,7 +40,8 @@ class LocalWorkers:
         vectorization: str = "sync", unix_socket: str | None = None, busy_poll: float = 0.0,
         environment: dict[str, str] | None = None,
     ) -> None:
-        env = dict(os.environ)
+        # no proxy between the trainer and its own workers (it may listen on a LAN address)
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env.update(environment or {})  # the trainer's transport choices (see Transport.worker_environment)
         # The children import what the trainer can import (user env modules too).
         paths = [p for p in sys.path if p]

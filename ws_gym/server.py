@@ -40,6 +40,7 @@ from .errors import HandshakeError, ProtocolError, WorkerLostError, WsGymError
 from .forwarded import forwarded_client
 from .liveness import check_interval, give_up_unacked, unacked_limit
 from .polling import poll_idle
+from .relay_link import RelayLink, RelaySettings
 from .slots import SlotTable
 from .wire import FrameConnection, hand_back
 from .wsio import receive_message
@@ -68,6 +69,8 @@ class Server:
         wait_mode: bool = False,
         unix_path: str | None = None,
         busy_poll: float = 0.0,
+        relay: RelaySettings | None = None,
+        listen: bool = True,
     ) -> None:
         self.num_envs = num_envs
         self.host = host
@@ -98,16 +101,19 @@ class Server:
         self._closing = False
         self._closed = False
         self._runner: web.AppRunner | None = None
+        self.relay: RelayLink | None = None
         self._thread = threading.Thread(target=self._run_loop, name="ws_gym-trainer-loop", daemon=True)
         self._thread.start()
         try:
-            fut = asyncio.run_coroutine_threadsafe(self._start(host, port), self._loop)
-            self.port = fut.result(timeout=30)
+            fut = asyncio.run_coroutine_threadsafe(self._start(host, port, listen, relay), self._loop)
+            self.port: int | None = fut.result(timeout=30 if relay is None else 45 + handshake_timeout)
         except BaseException:
             self._stop_loop()
             raise
-        self.url = format_url(host, self.port, ssl_context is not None)
-        self.local_url = format_url(loopback_for(host), self.port, ssl_context is not None)
+        tls = ssl_context is not None
+        # local workers dial the listening socket (or the Unix socket); remote ones `url`
+        self.local_url = format_url(loopback_for(host), self.port or 0, tls)
+        self.url = self.relay.worker_url if self.relay is not None else format_url(host, self.port or 0, tls)
 
     @property
     def expect(self) -> Expectation:
@@ -120,11 +126,32 @@ class Server:
         self.calls.loop_thread = threading.get_ident()
         self._loop.run_forever()
 
-    async def _start(self, host: str, port: int) -> int:
+    async def _start(self, host: str, port: int, listen: bool, relay: RelaySettings | None) -> int | None:
         app = web.Application()
         app.router.add_get(WS_PATH, self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
+        bound = await self._listen(host, port) if listen else None
+        if relay is not None:  # remote workers come through the relay's room
+            runner_server = self._runner.server
+            assert runner_server is not None
+            self.relay = RelayLink(relay, runner_server, heartbeat=self.heartbeat,
+                                   timeout=self.handshake_timeout)
+            try:
+                await self.relay.open(30.0)
+            except BaseException:
+                await self.relay.close()
+                await self._runner.cleanup()
+                raise
+            self._tasks.append(asyncio.ensure_future(self.relay.run()))
+        if self.heartbeat:
+            self._tasks.append(asyncio.ensure_future(self._watch(self.heartbeat)))
+        if self.busy_poll:
+            self._tasks.append(asyncio.ensure_future(poll_idle(lambda: self.table.conns)))
+        return bound
+
+    async def _listen(self, host: str, port: int) -> int:
+        assert self._runner is not None
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -142,10 +169,6 @@ class Server:
         if self.unix_path is not None:  # local workers: a Unix socket is quicker than loopback TCP
             await web.UnixSite(self._runner, self.unix_path).start()
             os.chmod(self.unix_path, 0o600)  # this user only (the token is checked as well)
-        if self.heartbeat:
-            self._tasks.append(asyncio.ensure_future(self._watch(self.heartbeat)))
-        if self.busy_poll:
-            self._tasks.append(asyncio.ensure_future(poll_idle(lambda: self.table.conns)))
         return sock.getsockname()[1]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -381,6 +404,8 @@ class Server:
         for task in self._tasks:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # let it end before the loop stops
+        if self.relay is not None:  # the relay closes the room's connections too
+            await self.relay.close()
         for conn in list(self.table.conns):
             if conn.wire is not None:
                 conn.wire.close(F.CLOSE_GOING_AWAY, "trainer closing")

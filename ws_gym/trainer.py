@@ -35,6 +35,7 @@ from .config import CALLER_POLL, WORKER_POLL, RemoteConfig, Transport
 from .connection import WorkerConn
 from .errors import ConnectTimeoutError, WsGymError
 from .local import LocalWorkers, split_envs
+from .relay_link import RelaySettings
 from .server import Server
 from .metadata import jsonable_metadata
 from .spaces import schema_to_space, space_to_schema
@@ -126,9 +127,14 @@ class Trainer:
         self.config = config
         server_ssl = server_ssl_context(config.ssl_context, config.certfile, config.keyfile)
         token, public_url, host = config.token, config.public_url, config.host
+        relay = None
+        if config.relay is not None:  # remote workers come through the relay; local ones on loopback
+            assert config.relay_token is not None  # RemoteConfig checked it
+            relay = RelaySettings(config.relay, config.relay_token, config.relay_cafile, config.relay_route())
+            host = "127.0.0.1"
         self.token_generated = False
         tokens_off = token == ""  # no token on purpose: proxied connections are let in too
-        if token is None and (not is_loopback(host) or public_url is not None):
+        if token is None and (not is_loopback(host) or public_url is not None or relay is not None):
             # Reachable from other machines (directly or through a proxy):
             # never without a token unless asked (token="").
             token = secrets.token_urlsafe(32)
@@ -171,7 +177,9 @@ class Trainer:
         self._unix_dir = tempfile.mkdtemp(prefix="ws_gym-") if transport.unix else None  # mode 0700
         try:
             self.server = Server(
-                num_envs=num_envs, expect=expect, transport=transport, host=host, port=config.port,
+                num_envs=num_envs, expect=expect, transport=transport, host=host,
+                port=config.port if relay is None else 0, relay=relay,
+                listen=relay is None or config.local_workers > 0,
                 token="" if tokens_off else token, max_msg_size=config.max_msg_size,
                 ready_timeout=max(self.connect_timeout, 10.0), handshake_timeout=config.handshake_timeout,
                 max_pending_handshakes=config.max_pending_handshakes, ssl_context=server_ssl,
@@ -186,13 +194,17 @@ class Trainer:
         self.calls = self.server.calls
         self.table = self.server.table
         self.public_url = public_url
+        self.relay = config.relay
         listening = self.server.url
         self.url = public_url or listening  # what workers dial (local workers: server.local_url)
         self.local: LocalWorkers | None = None
         self._next_local_check = 0.0
         self._waited = False
         try:
-            if self.token_generated:
+            if relay is not None:
+                _say(f"room open on the relay at {relay.url}; on each PC run: {self.worker_command()} "
+                     f"(K: the envs that PC hosts; {self.num_envs} in all)")
+            elif self.token_generated:
                 where = listening if public_url is None else f"{listening} (workers dial {public_url})"
                 _say(f"listening on {where} with a generated token (no token= was given); "
                      f"on each PC run: {self.worker_command()} (K: the envs that PC hosts; "
@@ -251,7 +263,8 @@ class Trainer:
         one the user chose is shown as a placeholder, to keep it out of logs.
         """
         url = self.url  # public_url as given, when there is one
-        if self.public_url is None and self.server.host in ("0.0.0.0", "::", ""):  # everywhere: name this machine
+        if (self.public_url is None and self.relay is None and self.server.port is not None
+                and self.server.host in ("0.0.0.0", "::", "")):  # everywhere: name this machine
             url = format_url(socket.gethostname(), self.server.port, self.server.ssl_context is not None)
         env = f" --env {self.env_id}" if self.env_id else " --env ENV_ID"
         secret = ""
@@ -267,7 +280,7 @@ class Trainer:
         match and a private CA would need a file we may not have (a bare
         ``ssl_context``); pinning the exact certificate needs neither.
         """
-        if self.server.ssl_context is None:
+        if self.server.ssl_context is None or self.server.port is None:
             return None
         try:
             return certificate_fingerprint(loopback_for(self.server.host), self.server.port)

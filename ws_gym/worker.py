@@ -8,6 +8,22 @@ It needs no open port: it connects out, retries with backoff until the trainer
 is up, hosts the envs the trainer asks for, and exits when the trainer closes.
 This module parses the options and runs a :class:`~ws_gym.client.Worker`
 (dialing and serving); env logic is in :mod:`ws_gym.host`.
+
+Behind an HTTP proxy (office and campus networks) give the trainer's
+``wss://`` URL and the proxy::
+
+    python -m ws_gym.worker --url wss://TRAINER:8765/ws --proxy http://USER:PASSWORD@PROXY:3128 ...
+
+The proxy tunnels the connection with CONNECT; TLS stays end to end, so the
+trainer's certificate is checked as without a proxy (``--cafile``,
+``--cert-fingerprint``, ``--insecure``). Without ``--proxy`` the worker takes
+``HTTPS_PROXY`` (for ``wss://``) or ``HTTP_PROXY`` (for ``ws://``) from the
+environment, unless ``NO_PROXY`` names the trainer's host; a trainer on
+loopback (localhost, 127.0.0.0/8, ::1) is always dialed directly, except through
+an explicit ``--proxy``. A plain ``ws://`` URL is not tunnelled: aiohttp sends
+its upgrade to the proxy as ``GET ws://HOST:PORT/PATH``, which most proxies
+refuse or do not pass on as a WebSocket. Through a proxy, use ``wss://``. The
+rule that picks the proxy is :func:`ws_gym.proxies.proxy_for`.
 """
 
 from __future__ import annotations
@@ -23,10 +39,11 @@ import orjson
 
 from . import loops
 from .client import DEFAULT_MAX_MSG, TOKEN_ENV, Worker, backoff_delays, client_ssl, env_allowed
+from .proxies import proxy_for
 from .errors import WsGymError
 from .config import VECTORIZATIONS
 
-__all__ = ["main", "build_parser", "Worker", "backoff_delays", "env_allowed", "client_ssl"]
+__all__ = ["main", "build_parser", "Worker", "backoff_delays", "env_allowed", "client_ssl", "proxy_for"]
 
 log = logging.getLogger("ws_gym.worker")
 
@@ -68,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
             "trainer's WebSocket URL (no open port needed on this machine), retries until the "
             "trainer is up, and exits when the trainer closes."
         ),
-        epilog="example: python -m ws_gym.worker --url ws://trainer:8765/ws --env CartPole-v1 --num-envs 4",
+        epilog="example: python -m ws_gym.worker --url ws://trainer:8765/ws --env CartPole-v1 --num-envs 4; "
+               "behind an HTTP proxy: python -m ws_gym.worker --url wss://trainer:8765/ws "
+               "--proxy http://proxy.example:3128 --env CartPole-v1",
     )
     p.add_argument("--url", required=True, help="the trainer's URL, e.g. ws://trainer:8765/ws (printed by the trainer)")
     p.add_argument("--env", dest="env_id", default=None,
@@ -88,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--cert-fingerprint", default=None, metavar="SHA256",
                      help="wss:// only: accept exactly the certificate with this SHA-256 (hex), "
                           "no CA or host name check")
+    p.add_argument("--proxy", default=None, metavar="URL",
+                   help="dial the trainer through this HTTP proxy, http://[USER:PASSWORD@]HOST:PORT. The user "
+                        "and password become proxy authentication and are never logged (but a password on the "
+                        "command line is visible to other users of this PC: HTTPS_PROXY keeps it out). Used "
+                        "for every trainer URL, loopback too. Without it the worker takes HTTPS_PROXY (wss:// "
+                        "URLs) or HTTP_PROXY (ws:// URLs) from the environment (lowercase spellings win), "
+                        "except for hosts that NO_PROXY names and for a trainer on loopback (localhost, "
+                        "127.0.0.0/8, ::1), which is always dialed directly. Through a proxy use a wss:// URL: "
+                        "the proxy tunnels it with CONNECT and TLS stays end to end (--cafile, "
+                        "--cert-fingerprint and --insecure apply to the trainer's certificate); a ws:// URL is "
+                        "not tunnelled but sent to the proxy as GET ws://HOST:PORT/PATH, which most proxies "
+                        "refuse")
     p.add_argument("--allow-import", action="store_true",
                    help="let the trainer name 'module:EnvId' ids, which import that module here")
     p.add_argument("--retry-timeout", type=float, default=None,
@@ -134,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_envs=args.num_envs,
             env_kwargs=env_kwargs,
             token=args.token or os.environ.get(TOKEN_ENV) or None,
+            environ=os.environ,  # HTTPS_PROXY & co.
             allow_import=args.allow_import,
             retry_timeout=args.retry_timeout,
             max_msg_size=args.max_msg_size,
@@ -144,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cert_fingerprint=args.cert_fingerprint,
             vectorization=args.vectorization,
             busy_poll=args.busy_poll / 1e6,
+            proxy=args.proxy,
         )
-    except (ValueError, OSError) as exc:  # TLS options: bad combination, unreadable --cafile
+    except (ValueError, OSError) as exc:  # TLS options, unreadable --cafile, an unusable proxy URL
         print(f"ws_gym.worker: {exc}", file=sys.stderr)
         return 1
     try:
