@@ -201,6 +201,8 @@ class ConnectProxy:
             await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
         except (ConnectionError, asyncio.TimeoutError):
             pass
+        except asyncio.CancelledError:  # closing: end quietly (Python 3.11's streams log a cancelled handler)
+            pass
         finally:
             for w in (writer, upstream):
                 if w is not None:

@@ -55,6 +55,8 @@ ROLES = {"t": 1, "a": 2, "b": 3}  # namespace role -> last octet of its address
 CUT_TABLE = "wsg_linkcut"
 KINDS = ("silent", "link-down")
 PROBE_PORT = 9  # nobody listens there: a refusal proves the path works, without a server
+NO_INBOUND_TABLE = "wsg_noinbound"  # refuse_inbound: no connection from outside
+EGRESS_TABLE = "wsg_egress"  # only_outbound_to: one destination allowed out
 
 _PROBE = r"""
 import errno, socket, sys
@@ -304,6 +306,102 @@ class Topology:
             if time.monotonic() - t0 > timeout:
                 return False, time.monotonic() - t0, result
             time.sleep(0.05)
+
+    def probe_to(self, src: str, address: str, port: int, timeout: float = 0.5) -> str:
+        """A TCP connect from namespace ``src`` to ``address:port`` (one of this
+        topology's addresses), as ``probe`` reports it: ``open``, ``refused``,
+        ``timeout`` or ``oserror:...``."""
+        argv = self.exec_argv(src, [sys.executable, "-I", "-c", _PROBE, address, str(port), str(timeout)])
+        try:
+            return run(argv, timeout=timeout + 10).strip() or "no answer"
+        except Exception as exc:
+            return f"probe failed: {exc}"
+
+    def wait_open(self, src: str, address: str, port: int, timeout: float) -> tuple[bool, str]:
+        """Probe ``address:port`` from ``src`` until a connection is accepted or
+        ``timeout`` passes: (opened, last result)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.probe_to(src, address, port)
+            if result == "open" or time.monotonic() > deadline:
+                return result == "open", result
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------ firewalls in a namespace
+
+    def refuse_inbound(self, role: str) -> None:
+        """An nftables table in ``role``'s namespace (inet family, input hook)
+        that accepts loopback and the replies of connections this namespace
+        opened (established, related) and drops everything else: no connection
+        from outside can be made to it, as behind NAT. Counters: ``new-tcp``
+        (SYNs from outside, dropped) and ``other`` (anything else dropped)."""
+        ruleset = (
+            f"table inet {NO_INBOUND_TABLE} {{\n"
+            "  chain input {\n"
+            "    type filter hook input priority filter; policy drop;\n"
+            '    iif "lo" accept\n'
+            "    ct state established,related accept\n"
+            '    tcp flags & (fin|syn|rst|ack) == syn counter drop comment "new-tcp"\n'
+            '    counter drop comment "other"\n'
+            "  }\n"
+            "}\n"
+        )
+        run(self.exec_argv(role, ["nft", "-f", "-"]), input=ruleset)
+
+    def only_outbound_to(self, role: str, address: str, port: int) -> None:
+        """An nftables table in ``role``'s namespace (inet family, output hook)
+        that lets it open TCP connections to ``address:port`` only (and on
+        loopback); packets of connections already made pass. Anything else is
+        dropped on the way out (a ``connect`` elsewhere times out).
+        Counters: ``allowed`` (new connections let out) and ``other`` (dropped)."""
+        ruleset = (
+            f"table inet {EGRESS_TABLE} {{\n"
+            "  chain output {\n"
+            "    type filter hook output priority filter; policy drop;\n"
+            '    oif "lo" accept\n'
+            "    ct state established,related accept\n"
+            f'    ip daddr {address} tcp dport {int(port)} ct state new counter accept comment "allowed"\n'
+            '    counter drop comment "other"\n'
+            "  }\n"
+            "}\n"
+        )
+        run(self.exec_argv(role, ["nft", "-f", "-"]), input=ruleset)
+
+    def remove_firewalls(self, role: str) -> None:
+        """Delete the tables of ``refuse_inbound`` and ``only_outbound_to``, if any; never raises."""
+        for table in (NO_INBOUND_TABLE, EGRESS_TABLE):
+            try:
+                run(self.exec_argv(role, ["nft", "delete", "table", "inet", table]), check=False)
+            except Exception:
+                pass
+
+    def firewall_tables(self, role: str) -> list[str]:
+        """The nftables tables in ``role``'s namespace, as ``family name``."""
+        out = run(self.exec_argv(role, ["nft", "list", "tables"]))
+        return [line.removeprefix("table ").strip() for line in out.splitlines() if line.startswith("table ")]
+
+    def counters(self, role: str, table: str) -> dict[str, int]:
+        """The packet counters of the commented rules of an inet table in ``role``'s namespace."""
+        listing = json.loads(run(self.exec_argv(role, ["nft", "-j", "list", "table", "inet", table])))
+        found = {}
+        for item in listing.get("nftables", []):
+            rule = item.get("rule")
+            if not rule or "comment" not in rule:
+                continue
+            for expr in rule.get("expr", []):
+                if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
+                    found[rule["comment"]] = int(expr["counter"].get("packets", 0))
+        return found
+
+    def tcp_sockets(self, role: str) -> list[tuple[str, str, str]]:
+        """The TCP sockets of ``role``'s namespace: (state, local address:port, peer address:port)."""
+        out = run(self.exec_argv(role, ["ss", "-Htan"]))
+        sockets = []
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) >= 5:
+                sockets.append((fields[0], fields[3], fields[4]))
+        return sockets
 
     # ------------------------------------------------------------ delay and loss
 

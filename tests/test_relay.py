@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -30,7 +31,11 @@ LISTENING = re.compile(r"ws_gym relay: listening on (wss?)://([^:\s]+):(\d+)")
 
 
 class RelayProcess:
-    """``python -m ws_gym.relay`` on 127.0.0.1; killed at teardown."""
+    """``python -m ws_gym.relay`` on 127.0.0.1; killed at teardown.
+
+    A thread reads its output all along (into ``lines``), so that a chatty relay
+    never blocks on a full pipe and the wait for its listening line is bounded.
+    """
 
     def __init__(self, port: int = 0, *args: str) -> None:
         self.proc = subprocess.Popen(
@@ -38,31 +43,43 @@ class RelayProcess:
              "--trainer-token", TOKEN, *args],
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
         self.lines: list[str] = []
-        assert self.proc.stdout is not None
+        said: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, args=(said,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 30
         while True:
-            line = self.proc.stdout.readline()
+            try:
+                line = said.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(
+                    f"the relay did not say where it listens within 30 s: {''.join(self.lines)}") from None
             if not line:
                 raise RuntimeError(f"the relay ended before listening: {''.join(self.lines)}")
-            self.lines.append(line)
             match = LISTENING.search(line)
             if match:
                 scheme, self.host, port_text = match.groups()
                 self.port = int(port_text)
                 self.url = f"{scheme}://{self.host}:{self.port}"
                 return
-            if time.monotonic() > deadline:
-                raise RuntimeError("the relay did not say where it listens")
+
+    def _read(self, said: queue.Queue[str]) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            said.put(line)
+        said.put("")  # the end
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.communicate(timeout=10)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.communicate(timeout=10)
+                self.proc.wait(timeout=10)
+        self._reader.join(10)
 
 
 @pytest.fixture
@@ -83,8 +100,8 @@ def start_workers(cli_workers, envs, counts, *extra: str):
     return [cli_workers.start("--url", envs.unwrapped.url, "--num-envs", str(n), *extra, env=token) for n in counts]
 
 
-def listening_sockets_of_this_process() -> set[int]:
-    """Inodes of this process's sockets in the LISTEN state (Linux /proc)."""
+def listening_sockets_of_this_process() -> set[tuple[str, int]]:
+    """(address, port) of this process's sockets in the LISTEN state (Linux /proc)."""
     ours = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -103,7 +120,11 @@ def listening_sockets_of_this_process() -> set[int]:
         for row in rows:
             fields = row.split()
             if fields[3] == "0A" and int(fields[9]) in ours:  # 0A: LISTEN
-                listening.add(int(fields[9]))
+                address, port = fields[1].split(":")
+                if table.endswith("6"):
+                    listening.add((address, int(port, 16)))
+                else:  # 127.0.0.1 is 0100007F: the bytes in host (little-endian) order
+                    listening.add((".".join(str(b) for b in bytes.fromhex(address)[::-1]), int(port, 16)))
     return listening
 
 
@@ -124,15 +145,17 @@ def test_through_a_relay_equals_sync_vector_env(relay, cli_workers, mode):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads Linux's /proc to list listening sockets")
 def test_a_trainer_with_a_relay_listens_on_no_socket(relay, cli_workers):
+    """Nothing a worker could dial: the one new listening socket is the dashboard's, on loopback."""
     before = listening_sockets_of_this_process()
     envs = through_relay(relay, 2)
     try:
-        assert listening_sockets_of_this_process() == before
+        dashboard = ("127.0.0.1", envs.unwrapped._trainer.server.dashboard_port)
+        assert listening_sockets_of_this_process() - before == {dashboard}
         assert envs.unwrapped._trainer.server.port is None
         start_workers(cli_workers, envs, [2])
         envs.reset(seed=1)
         envs.step(np.array([0, 1]))
-        assert listening_sockets_of_this_process() == before
+        assert listening_sockets_of_this_process() - before == {dashboard}
     finally:
         envs.close()
 

@@ -34,11 +34,13 @@ from .conftest import assert_same
 ENV = "CartPole-v1"
 
 
-def make_cert(directory, name: str) -> tuple[str, str, str]:
+def make_cert(directory, name: str, *, ips: tuple[str, ...] = ()) -> tuple[str, str, str]:
     """A self-signed certificate for localhost and 127.0.0.1: (certfile, keyfile, sha256 hex).
 
     It is its own CA (what ``--cafile`` trusts), with the extensions strict
-    verification (Python 3.13's default) asks for.
+    verification (Python 3.13's default) asks for. ``ips``: further IP
+    addresses it is valid for (its subjectAltName), e.g. a network
+    namespace's address.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -63,6 +65,7 @@ def make_cert(directory, name: str) -> tuple[str, str, str]:
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
             ),
             critical=False,
         )

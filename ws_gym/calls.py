@@ -69,7 +69,7 @@ class Call:
     caller's thread too: the counting is done under one small lock.
     """
 
-    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "sink")
+    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "sink", "sent")
 
     def __init__(self, n: int) -> None:
         self.lock = threading.Lock()
@@ -82,6 +82,7 @@ class Call:
         self.tolerant = False  # on_worker_lost="wait": a lost worker's part becomes LOST
         # sink(idx, body, compact): takes each ok body on the thread that read it (see submit)
         self.sink: Callable[[int, Any, bool], None] | None = None
+        self.sent = time.perf_counter()  # made just before its requests go out (round trips, ws_gym.stats)
 
     def answer(self, idx: int, value: Any) -> None:
         """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
@@ -166,6 +167,8 @@ class CallBook:
             for conn, kind, body in items:
                 rid = next(self._req_ids)
                 batch.append((conn, rid, conn.codec.encode(kind, rid, body)))
+                if kind == P.STEP:  # statistics (ws_gym.stats): no lock, one writer
+                    conn.step_requests += 1
             call = Call(len(batch))
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode
@@ -323,6 +326,8 @@ class CallBook:
             self._log_unknown(conn, rid)
             return
         call, idx = entry
+        conn.replies += 1  # statistics (ws_gym.stats): the thread that read the reply, no lock
+        conn.rtt_total += time.perf_counter() - call.sent
         if kind == P.OK:
             if call.sink is not None:
                 try:
@@ -337,7 +342,9 @@ class CallBook:
                 body = conn.codec.reply_body(body)  # checked whole by decode above
             call.answer(idx, body)
         elif kind == P.ERROR:
-            call.fail(P.parse_error(body, conn.origin))
+            remote = P.parse_error(body, conn.origin)
+            conn.last_error = f"{remote.remote_type}: {remote.remote_message}"[:500]
+            call.fail(remote)
         else:
             call.fail(ProtocolError(f"{conn.origin} answered with kind {kind!r}"))
 

@@ -35,6 +35,7 @@ from .host import EnvHost
 from .proxies import choose_proxy, without_credentials
 from .liveness import WorkerLiveness, check_interval, give_up_unacked, unacked_limit
 from .worker_links import AiohttpLink, SessionClosed, WireLink
+from .worker_status import StatusReport
 from .wsio import receive_message
 
 log = logging.getLogger("ws_gym.worker")
@@ -140,16 +141,19 @@ class Worker:
         busy_poll: float = 0.0,
         proxy: str | None = None,
         environ: Mapping[str, str] | None = None,
+        status_interval: float = 0.0,
     ) -> None:
         self.url = url
         self._shown_url = without_credentials(url)  # what the logs say
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll!r}")
         self.busy_poll = busy_poll  # seconds to keep reading after each reply (POSIX, plain ws)
+        self.status_interval = status_interval  # seconds between status lines (0: none; ws_gym.worker_status)
         self.unix_socket = unix_socket
         self._last_rx = 0.0  # loop time of the last frame from the trainer (or our last reply)
         self.vectorization = check_vectorization(vectorization)
         self.insecure = insecure
+        self.cafile = cafile
         self._ssl = client_ssl(url, cafile=cafile, insecure=insecure, cert_fingerprint=cert_fingerprint)
         # A Unix socket is this machine's: never through a proxy (see proxy_for for the rest).
         chosen = None if unix_socket else choose_proxy(url, proxy, environ or {})
@@ -248,9 +252,10 @@ class Worker:
                                   hint)
                         return EXIT_UNAUTHORIZED
                     if exc.status == 404:  # retrying cannot fix a wrong path
-                        log.error("no WebSocket endpoint at %s (404 %s): the trainer's path is /ws, and behind "
-                                  "a reverse proxy the URL must include the proxy's path prefix (e.g. "
-                                  "wss://trainer.example/PREFIX/ws); use the URL the trainer prints. Not retrying%s",
+                        log.error("no WebSocket endpoint at %s (404 %s): use the URL the trainer prints (it "
+                                  "ends in /ws; a relay's has the room in it, and behind a reverse proxy it "
+                                  "includes the proxy's path prefix, e.g. wss://trainer.example/PREFIX/ws). "
+                                  "Not retrying%s",
                                   url, exc.message, hint)
                         return EXIT_NOT_FOUND
                     if exc.status == 401 and not self.token:
@@ -268,15 +273,15 @@ class Worker:
                     else:
                         log.warning("handshake with %s failed: %s %s%s", url, exc.status, exc.message, hint)
                 except aiohttp.ServerFingerprintMismatch as exc:
-                    log.error("the trainer's TLS certificate is not the expected one (SHA-256 %s, "
+                    log.error("the TLS certificate (the trainer's, or its relay's) is not the expected one "
+                              "(SHA-256 %s, "
                               "--cert-fingerprint %s); not connecting", exc.got.hex(), exc.expected.hex())
                     return EXIT_UNTRUSTED
                 except aiohttp.ClientConnectorCertificateError as exc:
-                    log.error(
-                        "the trainer's TLS certificate at %s failed verification: %s. For a self-signed "
-                        "certificate or a private CA pass --cafile with it; not connecting (retrying "
-                        "cannot fix this)", url, exc.certificate_error,
-                    )
+                    advice = (f"--cafile {self.cafile} does not verify it" if self.cafile else
+                              "for a self-signed certificate or a private CA pass --cafile with it")
+                    log.error("the TLS certificate at %s (the trainer's, or its relay's) failed verification: "
+                              "%s; %s. Not connecting (retrying cannot fix this)", url, exc.certificate_error, advice)
                     return EXIT_UNTRUSTED
                 except aiohttp.ClientConnectorSSLError as exc:
                     if not tls_warned:  # e.g. wss:// to a trainer without TLS: it may restart with TLS
@@ -398,25 +403,26 @@ class Worker:
         self._delays_reset = True
         log.info("hosting %d x %s as envs %d..%d", welcome.num_envs, welcome.env_id,
                  welcome.first_index, welcome.first_index + welcome.num_envs - 1)
-        if not welcome.heartbeat:
-            await link.serve(host)
-            return
-        # A live trainer sends something at least every half heartbeat (requests or
-        # pings): hearing nothing for longer means it or the link is gone.
-        live = WorkerLiveness(welcome.heartbeat)
-        serve = asyncio.ensure_future(link.serve(host))
-        silent = asyncio.ensure_future(self._watch_trainer(serve, live))
-        try:
-            await serve
-        except asyncio.CancelledError:
-            if silent.done() and not silent.cancelled() and silent.result():
-                link.abort()  # nothing gets through: no close frame, no wait for one
-                raise ConnectionResetError(
-                    f"the trainer sent nothing for {live.silence_limit:g} s (heartbeat)") from None
-            raise
-        finally:
-            silent.cancel()
-            serve.cancel()
+        with StatusReport(self, link, welcome):  # a line now and then, and one at the end
+            if not welcome.heartbeat:
+                await link.serve(host)
+                return
+            # A live trainer sends something at least every half heartbeat (requests or
+            # pings): hearing nothing for longer means it or the link is gone.
+            live = WorkerLiveness(welcome.heartbeat)
+            serve = asyncio.ensure_future(link.serve(host))
+            silent = asyncio.ensure_future(self._watch_trainer(serve, live))
+            try:
+                await serve
+            except asyncio.CancelledError:
+                if silent.done() and not silent.cancelled() and silent.result():
+                    link.abort()  # nothing gets through: no close frame, no wait for one
+                    raise ConnectionResetError(
+                        f"the trainer sent nothing for {live.silence_limit:g} s (heartbeat)") from None
+                raise
+            finally:
+                silent.cancel()
+                serve.cancel()
 
     async def _watch_trainer(self, serve: asyncio.Future, live: WorkerLiveness) -> bool:
         """Cancel ``serve`` when the trainer has been silent too long."""
@@ -439,7 +445,21 @@ class Worker:
 
     @staticmethod
     def answer(host: EnvHost, data: Any, parts: bool = False) -> tuple[bytes | tuple, bool]:
-        """The reply frame to one request, and whether it was the trainer's close.
+        """The reply frame to one request, and whether it was the trainer's close (see :meth:`reply`)."""
+        frame, kind = Worker.reply(host, data, parts)
+        return frame, kind == P.CLOSE
+
+    @overload
+    @staticmethod
+    def reply(host: EnvHost, data: Any, parts: Literal[False] = False) -> tuple[bytes, str | None]: ...
+
+    @overload
+    @staticmethod
+    def reply(host: EnvHost, data: Any, parts: bool) -> tuple[bytes | tuple, str | None]: ...
+
+    @staticmethod
+    def reply(host: EnvHost, data: Any, parts: bool = False) -> tuple[bytes | tuple, str | None]:
+        """The reply frame to one request, and the request's kind (None: malformed).
 
         ``parts``: a big compact reply may come as its pieces, not joined (see
         :meth:`ws_gym.compact.StepLayout.encode_reply`), for a writer that
@@ -454,7 +474,7 @@ class Worker:
                 req = codec.decode(data)
         except ProtocolError as exc:
             log.warning("ignoring a malformed request: %s", exc)
-            return codec.encode(P.ERROR, 0, P.error_body(exc)), False
+            return codec.encode(P.ERROR, 0, P.error_body(exc)), None
         try:
             body = req.body if req.kind == P.STEP else codec.writable(req.body)
             result = host.handle(req.kind, body)
@@ -462,7 +482,7 @@ class Worker:
             frame = frame or codec.encode(P.OK, req.id, result)
         except Exception as exc:  # the env's error goes back to the trainer
             frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
-        return frame, req.kind == P.CLOSE
+        return frame, req.kind
 
     def _close_envs(self) -> None:
         gc.unfreeze()  # the session's objects may be collected again (a reconnect makes new ones)

@@ -214,6 +214,9 @@ class RemoteConfig:
             ``wss://`` relay with; default: the system's CAs.
         relay_proxy: an HTTP proxy to reach the relay through; default: the
             ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables.
+        dashboard_port: with ``relay``, the port on 127.0.0.1 the dashboard
+            (``ws_gym.dashboard``) listens on; ``None``: a free one. Without
+            a relay the dashboard is on the trainer's own port.
 
     Raises:
         TypeError, ValueError: an option of the wrong type or out of range.
@@ -246,6 +249,7 @@ class RemoteConfig:
     relay_token: str | None = field(default=None, repr=False)
     relay_cafile: str | None = None
     relay_proxy: str | None = None
+    dashboard_port: int | None = None
     transport: Transport | None = field(default=None, repr=False)  # None: from the environment
 
     @classmethod
@@ -294,6 +298,11 @@ class RemoteConfig:
             raise TypeError(f"transport must be a ws_gym.config.Transport, got {type(self.transport).__name__}")
         if self.relay is not None:
             self._check_relay()
+        if self.dashboard_port is not None and (
+                not isinstance(self.dashboard_port, int) or isinstance(self.dashboard_port, bool)
+                or not 0 <= self.dashboard_port <= 65535 or self.relay is None):
+            raise ValueError(f"dashboard_port must be a port number (0: a free one), with relay= only: without "
+                             f"a relay the dashboard is on the trainer's own port; got {self.dashboard_port!r}")
         self.connect_timeout = float(self.connect_timeout)
         self.step_timeout = None if self.step_timeout is None else float(self.step_timeout)
         self.handshake_timeout = float(self.handshake_timeout)

@@ -49,6 +49,12 @@ class WorkerConn:
     live: TrainerLiveness | None = None  # its heartbeat clock, with heartbeats on
     unknown: int = 0  # replies to unknown requests not logged yet (logged at most once a second)
     unknown_logged_at: float = float("-inf")
+    # statistics (ws_gym.stats): written where requests are sent and replies read, no lock
+    step_requests: int = 0  # step requests sent to it (each steps its `count` envs)
+    replies: int = 0  # replies read
+    rtt_total: float = 0.0  # seconds from sending a call to reading this worker's reply, summed
+    last_error: str = ""  # the last error an env of it raised
+    since: float = 0.0  # Unix time it began to serve (0: not yet)
 
     @property
     def stop(self) -> int:

@@ -16,6 +16,7 @@ from .connection import WorkerConn
 from .trainer import Trainer
 from .batching import own
 from .wait_mode import LOST_KEY
+from .stats_view import StatsView
 
 __all__ = ["RemoteEnv"]
 
@@ -26,7 +27,7 @@ def _check(reply: Any, keys: tuple[str, ...], origin: str) -> None:
         raise ProtocolError(f"{origin} sent a malformed reply (expected keys {keys})")
 
 
-class RemoteEnv(gym.Env):
+class RemoteEnv(StatsView, gym.Env):
     """One remote env: ``reset``/``step``/``render`` run in a worker.
 
     The worker runs the plain env made by ``gym.make(env_id)`` (no autoreset),
@@ -134,6 +135,7 @@ class RemoteEnv(gym.Env):
         _check(reply, ("o", "info"), worker.origin)
         worker.fresh = False
         self._last_obs = reply["o"]
+        trainer.run_stats.reset()  # statistics (ws_gym.stats)
         return own(reply["o"]), own(reply["info"])
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
@@ -166,11 +168,13 @@ class RemoteEnv(gym.Env):
             (reply,) = trainer.request([(worker, P.STEP, {"a": action})])
         _check(reply, ("o", "r", "t", "u", "info"), worker.origin)
         self._last_obs = reply["o"]
+        trainer.run_stats.step_one(reply["r"], reply["t"] or reply["u"])  # statistics (ws_gym.stats)
         return own(reply["o"]), reply["r"], reply["t"], reply["u"], own(reply["info"])
 
     def _lost(self) -> tuple[Any, float, bool, bool, dict]:
         if self._last_obs is None:
             raise WorkerLostError("the worker was lost before the first reset completed")
+        self._trainer.run_stats.step_one(0.0, True, lost=True)  # statistics (ws_gym.stats)
         return own(self._last_obs), 0.0, False, True, {LOST_KEY: True}
 
     def render(self) -> Any:

@@ -151,6 +151,9 @@ class RelayLink:
             except _Refused as exc:
                 if exc.status != 409 or loop.time() + delay > deadline:
                     raise RelayError(f"the relay at {self.settings.url} refused this trainer: {exc}") from None
+            except aiohttp.ClientConnectorCertificateError as exc:  # retrying cannot fix a certificate
+                raise RelayError(f"could not open a room on the relay at {self.settings.url}: "
+                                 f"{_describe(exc, self.settings.cafile)}") from None
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
                 if loop.time() + delay > deadline:
                     raise RelayError(f"could not open a room on the relay at {self.settings.url} within "
@@ -303,13 +306,17 @@ def _release(ws: Any, transport: asyncio.BaseTransport, previous: Any) -> None:
         conn.close()
 
 
-def _describe(exc: BaseException | None) -> str:
+def _describe(exc: BaseException | None, cafile: str | None = None) -> str:
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
         return f"cannot reach the proxy ({exc})"
     if isinstance(exc, aiohttp.ClientHttpProxyError):
         return f"the proxy refused: {exc.status} {exc.message}"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return f"its TLS certificate failed verification ({exc.certificate_error}); pass relay_cafile="
+        if cafile:
+            return (f"its TLS certificate failed verification ({exc.certificate_error}): "
+                    f"relay_cafile={cafile!r} does not verify it")
+        return (f"its TLS certificate failed verification ({exc.certificate_error}); pass relay_cafile= "
+                f"(the CA file that signed the relay's certificate)")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "timed out"
     return f"{type(exc).__name__}: {exc}" if exc is not None else "closed"

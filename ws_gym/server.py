@@ -36,12 +36,14 @@ from .admission import Admission, Expectation
 from .calls import CallBook
 from .config import DEFAULT_MAX_MSG_SIZE, Transport
 from .connection import WorkerConn, WorkerState
+from .dashboard import Dashboard
 from .errors import HandshakeError, ProtocolError, WorkerLostError, WsGymError
 from .forwarded import forwarded_client
 from .liveness import check_interval, give_up_unacked, unacked_limit
 from .polling import poll_idle
 from .relay_link import RelayLink, RelaySettings
 from .slots import SlotTable
+from .stats import RunCounters, Stats
 from .wire import FrameConnection, hand_back
 from .wsio import receive_message
 
@@ -71,6 +73,8 @@ class Server:
         busy_poll: float = 0.0,
         relay: RelaySettings | None = None,
         listen: bool = True,
+        stats: Stats | None = None,
+        dashboard_port: int | None = None,
     ) -> None:
         self.num_envs = num_envs
         self.host = host
@@ -98,6 +102,11 @@ class Server:
         self.calls = CallBook(self._loop, direct=self._direct, wait_mode=wait_mode, busy_poll=self.busy_poll,
                               on_lost=functools.partial(self.drop, cut_off=True))
         self._tasks: list[asyncio.Future] = []  # heartbeats, idle polling
+        # GET /, /status, /metrics (ws_gym.dashboard): on this port; with a relay on dashboard_port
+        self.dashboard = Dashboard(stats or Stats(RunCounters(num_envs)), lambda: self.table.conns, self._loop,
+                                   token=self.token, refuse_proxied=self.refuse_proxied, tls=ssl_context is not None)
+        self._dashboard_port = dashboard_port
+        self.dashboard_port: int | None = None  # where the dashboard listens, if not on `port`
         self._closing = False
         self._closed = False
         self._runner: web.AppRunner | None = None
@@ -129,9 +138,16 @@ class Server:
     async def _start(self, host: str, port: int, listen: bool, relay: RelaySettings | None) -> int | None:
         app = web.Application()
         app.router.add_get(WS_PATH, self._handle)
+        if relay is None:  # a relay's workers reach this app: the dashboard gets its own then
+            self.dashboard.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         bound = await self._listen(host, port) if listen else None
+        try:
+            self.dashboard_port = await self.dashboard.start(None if relay is None else self._dashboard_port or 0)
+        except BaseException:
+            await self._runner.cleanup()
+            raise
         if relay is not None:  # remote workers come through the relay's room
             runner_server = self._runner.server
             assert runner_server is not None
@@ -141,6 +157,7 @@ class Server:
                 await self.relay.open(30.0)
             except BaseException:
                 await self.relay.close()
+                await self.dashboard.close()
                 await self._runner.cleanup()
                 raise
             self._tasks.append(asyncio.ensure_future(self.relay.run()))
@@ -300,6 +317,7 @@ class Server:
         if self.heartbeat:  # a dead link ends a busy connection too (see ws_gym.liveness)
             give_up_unacked(transport.get_extra_info("socket"), unacked_limit(self.heartbeat))
         conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
+        self.dashboard.stats.joined(conn)
         self.table.activate(conn)
         log.info("%s joined (%d envs)", conn.origin, conn.count)
         return conn
@@ -326,6 +344,7 @@ class Server:
             text = f"{conn.origin} {why}"
             log.warning("%s", text)
             self.table.note(text)
+            self.dashboard.stats.lost(conn, text)
 
     async def _serve(self, conn: WorkerConn) -> None:
         """Wait until the connection ends (replies go to the call book as they are parsed)."""
@@ -406,6 +425,7 @@ class Server:
             await asyncio.gather(task, return_exceptions=True)  # let it end before the loop stops
         if self.relay is not None:  # the relay closes the room's connections too
             await self.relay.close()
+        await self.dashboard.close()
         for conn in list(self.table.conns):
             if conn.wire is not None:
                 conn.wire.close(F.CLOSE_GOING_AWAY, "trainer closing")

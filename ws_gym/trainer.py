@@ -22,6 +22,7 @@ import tempfile
 import time
 import weakref
 from typing import Any
+from urllib.parse import urlsplit
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
@@ -39,6 +40,7 @@ from .relay_link import RelaySettings
 from .server import Server
 from .metadata import jsonable_metadata
 from .spaces import schema_to_space, space_to_schema
+from .stats import RunCounters, Stats
 
 log = logging.getLogger("ws_gym")
 
@@ -160,6 +162,7 @@ class Trainer:
             raise TypeError(f"env_kwargs cannot be sent to workers: {exc}") from None
         autoreset = config.autoreset_mode
         assert isinstance(autoreset, AutoresetMode)  # RemoteConfig converted it
+        self.run_stats = RunCounters(num_envs, autoreset.value)  # the remote env's step() and reset() count
         expect = Expectation(
             env_id=config.env_id,
             env_kwargs=env_kwargs,
@@ -186,6 +189,7 @@ class Trainer:
                 heartbeat=config.heartbeat, wait_mode=self.wait_mode,
                 unix_path=None if self._unix_dir is None else os.path.join(self._unix_dir, "trainer.sock"),
                 busy_poll=CALLER_POLL if self.busy_poll else 0.0,
+                stats=Stats(self.run_stats, describe=self._describe), dashboard_port=config.dashboard_port,
             )
         except BaseException:
             if self._unix_dir is not None:
@@ -197,18 +201,21 @@ class Trainer:
         self.relay = config.relay
         listening = self.server.url
         self.url = public_url or listening  # what workers dial (local workers: server.local_url)
+        self.dashboard_url = self._dashboard_url()
         self.local: LocalWorkers | None = None
         self._next_local_check = 0.0
         self._waited = False
         try:
             if relay is not None:
                 _say(f"room open on the relay at {relay.url}; on each PC run: {self.worker_command()} "
-                     f"(K: the envs that PC hosts; {self.num_envs} in all)")
+                     f"(K: the envs that PC hosts; {self.num_envs} in all); dashboard: {self.dashboard_url}")
             elif self.token_generated:
                 where = listening if public_url is None else f"{listening} (workers dial {public_url})"
                 _say(f"listening on {where} with a generated token (no token= was given); "
                      f"on each PC run: {self.worker_command()} (K: the envs that PC hosts; "
-                     f"{self.num_envs} in all)")
+                     f"{self.num_envs} in all); dashboard: {self.dashboard_url}?token={token}")
+            else:
+                log.info("dashboard: %s", self.dashboard_url)
             if counts:
                 self.local = LocalWorkers(self.server.local_url, counts, token=token,
                                           unix_socket=self.server.unix_path,
@@ -272,6 +279,33 @@ class Trainer:
             secret = f"{P.TOKEN_ENV}={self.token if self.token_generated else '<your token>'} "
         count = "K" if num_envs is None else str(num_envs)
         return f"{secret}python -m ws_gym.worker --url {url}{env} --num-envs {count}"
+
+    # -- the dashboard (ws_gym.dashboard, ws_gym.stats)
+
+    def stats(self) -> dict[str, Any]:
+        """The run's snapshot, as ``GET /status`` serves it, made on the server's loop."""
+        return self.server.dashboard.snapshot_now()
+
+    def _dashboard_url(self) -> str:
+        if self.server.dashboard_port is not None:  # a relay: on a loopback port of its own
+            return f"http://127.0.0.1:{self.server.dashboard_port}/"
+        if self.public_url is not None:  # behind a reverse proxy: beside the workers' URL
+            parts = urlsplit(self.public_url)
+            path = parts.path[:-2] if parts.path.endswith("/ws") else parts.path.rstrip("/") + "/"
+            return f"{'https' if parts.scheme.lower() == 'wss' else 'http'}://{parts.netloc}{path}"
+        host = self.server.host
+        if host in ("0.0.0.0", "::", ""):  # everywhere: name this machine, as worker_command()
+            host = socket.gethostname()
+        url = format_url(host, self.server.port or 0, self.server.ssl_context is not None)
+        return "http" + url[2:-len("/ws")] + "/"
+
+    def _describe(self) -> dict[str, Any]:
+        """What the dashboard shows of the run besides its numbers (on the loop thread)."""
+        if "dashboard_url" not in vars(self):  # still starting
+            return {}
+        expect = self.server.expect
+        return {"env_id": expect.env_id, "autoreset_mode": expect.autoreset_mode, "mode": expect.mode,
+                "url": self.url, "worker_command": self.worker_command(), "dashboard_url": self.dashboard_url}
 
     def _own_fingerprint(self) -> str | None:
         """SHA-256 of our own TLS certificate, which local workers pin (None without TLS).

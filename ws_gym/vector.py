@@ -27,6 +27,7 @@ from .calls import LOST, Call
 from .config import RemoteConfig
 from .errors import WorkerLostError
 from .slots import env_ranges
+from .stats_view import StatsView
 from .trainer import Trainer
 from .wait_mode import LOST_KEY, AroundHoles
 
@@ -50,7 +51,7 @@ class PendingStep:
     batch: StepBatch | None = None  # the arrays the replies fill as they come (array observations)
 
 
-class RemoteVectorEnv(AroundHoles):
+class RemoteVectorEnv(AroundHoles, StatsView):
     """A ``VectorEnv`` of ``num_envs`` envs hosted by workers that dial in.
 
     Workers connect to :attr:`url` (``python -m ws_gym.worker --url ...``), or
@@ -185,6 +186,7 @@ class RemoteVectorEnv(AroundHoles):
         if options is not None and "reset_mask" in options:
             mask = options.pop("reset_mask")
             check_mask(mask, n)
+        trainer.run_stats.reset(mask)  # statistics (ws_gym.stats): these envs begin an episode
         if around_holes:
             return self._reset_around_holes(seeds, options, mask)
         self._reset_tried = True
@@ -306,6 +308,11 @@ class RemoteVectorEnv(AroundHoles):
     ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """The results of the last :meth:`step_async`; waits at most ``timeout``
         seconds (default: the env's ``step_timeout``)."""
+        results = self._step_results(timeout)
+        self._trainer.run_stats.step(*results[1:])  # statistics (ws_gym.stats): a few numpy operations
+        return results
+
+    def _step_results(self, timeout: float | None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
         pending = self._step
         if self._state is not VectorState.WAITING_STEP or pending is None:
             self._check_open()

@@ -80,12 +80,14 @@ class FrameConnection(asyncio.Protocol):
         on_message: Callable[[Any], None],
         loop: asyncio.AbstractEventLoop,
         on_control: Callable[[], None] | None = None,
+        on_pong: Callable[[bytes], None] | None = None,
     ) -> None:
         self.transport = transport
         self.client = client  # a client masks what it sends; a server expects masked frames
         self.parser = F.FrameParser(max_size=max_size, masked=not client)
         self.on_message = on_message
         self.on_control = on_control  # any frame at all arrived (heartbeats)
+        self.on_pong = on_pong  # a pong's payload (a worker times its own pings)
         self.done: asyncio.Future = loop.create_future()
         self.state = FrameState.OPEN
         self._slock = threading.Lock()  # state changes (see FrameState)
@@ -179,7 +181,9 @@ class FrameConnection(asyncio.Protocol):
             self.transport.close()
             self._resolve((code, reason))
             return False
-        # pongs and text messages need nothing; any frame at all counts as life
+        elif op == F.OP_PONG and self.on_pong is not None:
+            self.on_pong(bytes(payload))
+        # pongs and text messages need nothing more; any frame at all counts as life
         if self.on_control is not None:
             self.on_control()
         return True

@@ -6,6 +6,8 @@ Run it on the PC that has the env::
 
 It needs no open port: it connects out, retries with backoff until the trainer
 is up, hosts the envs the trainer asks for, and exits when the trainer closes.
+While it serves it logs a status line every ``--status-interval`` seconds
+(:mod:`ws_gym.worker_status`; ``--quiet``: none).
 This module parses the options and runs a :class:`~ws_gym.client.Worker`
 (dialing and serving); env logic is in :mod:`ws_gym.host`.
 
@@ -130,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after each reply keep reading the socket for up to this many microseconds "
                         "before sleeping, while measurement shows it pays: lower latency when the "
                         "trainer answers fast (POSIX, plain ws://; default 0: off)")
+    p.add_argument("--status-interval", type=float, default=30.0, metavar="S",
+                   help="while serving, log a status line every S seconds: the envs, the trainer, "
+                        "env-steps per second and in all, the round trip time (default 30; 0: none)")
+    p.add_argument("--quiet", action="store_true", help="no status lines (other messages as --log-level says)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -145,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if not args.busy_poll >= 0:  # also NaN
         print("--busy-poll must be a number of microseconds >= 0", file=sys.stderr)
+        return 1
+    if not 0 <= args.status_interval < float("inf"):  # also NaN
+        print("--status-interval must be a number of seconds >= 0", file=sys.stderr)
         return 1
     env_kwargs: dict[str, Any] | None = None
     if args.env_kwargs:
@@ -177,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             vectorization=args.vectorization,
             busy_poll=args.busy_poll / 1e6,
             proxy=args.proxy,
+            status_interval=0.0 if args.quiet else args.status_interval,
         )
     except (ValueError, OSError) as exc:  # TLS options, unreadable --cafile, an unusable proxy URL
         print(f"ws_gym.worker: {exc}", file=sys.stderr)

@@ -5,19 +5,22 @@ requests until the session ends. :class:`WireLink` takes the connection's
 transport over from aiohttp and answers each request inside ``data_received``
 (:class:`~ws_gym.wire.FrameConnection`), the fast path; :class:`AiohttpLink`
 stays on aiohttp's message API, where the transport is not reachable. The
-replies themselves come from :meth:`ws_gym.client.Worker.answer`.
+replies themselves come from :meth:`ws_gym.client.Worker.reply`; a link counts
+the step requests it answers (``steps``) and passes on the pongs to its own
+pings (``ping``, ``on_pong``) for :mod:`ws_gym.worker_status`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 
 from . import codec
 from . import frames as F
+from . import protocol as P
 from .config import Transport
 from .errors import ProtocolError
 from .wire import FrameConnection, hand_back
@@ -39,6 +42,11 @@ class AiohttpLink:
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, worker: Worker) -> None:
         self.ws, self.worker = ws, worker
+        self.steps = 0  # step requests answered (for ws_gym.worker_status)
+        self.on_pong: Callable[[bytes], None] | None = None  # the status line's RTT
+
+    async def ping(self, payload: bytes) -> None:
+        await self.ws.ping(payload)
 
     async def send(self, frame: bytes) -> None:
         await self.ws.send_bytes(frame)
@@ -49,8 +57,9 @@ class AiohttpLink:
     async def serve(self, host: EnvHost) -> None:
         """Answer requests with aiohttp's message API (when the transport cannot be taken over)."""
         ws, worker = self.ws, self.worker
-        receive, send = ws.receive, ws.send_bytes
+        receive, send, reply = ws.receive, ws.send_bytes, worker.reply
         BINARY, PING = aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.PING
+        STEP, CLOSE = P.STEP, P.CLOSE
         now = asyncio.get_running_loop().time
         worker._last_rx = now()
         while True:
@@ -60,15 +69,21 @@ class AiohttpLink:
                 if msg.type == PING:  # the trainer's heartbeat
                     await ws.pong(msg.data)
                     continue
+                if msg.type == aiohttp.WSMsgType.PONG:  # to the status line's ping
+                    if self.on_pong is not None:
+                        self.on_pong(msg.data)
+                    continue
                 if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                     raise ConnectionResetError("the trainer closed the connection")
                 if msg.type == aiohttp.WSMsgType.ERROR:
                     raise ConnectionResetError(f"connection error: {ws.exception()!r}")
                 continue  # text frames are not part of the protocol: ignore them
-            frame, closing = worker.answer(host, msg.data)
+            frame, kind = reply(host, msg.data)
             await send(frame)
             worker._last_rx = now()  # a long step is not silence
-            if closing:
+            if kind == STEP:
+                self.steps += 1
+            elif kind == CLOSE:
                 raise SessionClosed()
 
     def abort(self) -> None:
@@ -93,9 +108,11 @@ class WireLink:
         self._inbox: list = []  # handshake messages not yet received
         self._waiter: asyncio.Future | None = None
         self._serving = False
+        self.steps = 0  # step requests answered (for ws_gym.worker_status)
+        self.on_pong: Callable[[bytes], None] | None = None  # the status line's RTT
         self.wire, self._aiohttp = FrameConnection.take_over(
             transport, client=True, max_size=worker.max_msg_size, loop=self.loop,
-            on_message=self._on_message, on_control=self._heard,
+            on_message=self._on_message, on_control=self._heard, on_pong=self._pong,
         )
         if worker.unix_socket:  # the trainer's private socket: no intermediary to protect (frames.py)
             self.wire.mask_key = F.ZERO_KEY
@@ -127,6 +144,13 @@ class WireLink:
     def _heard(self) -> None:
         self.worker._last_rx = self.loop.time()
 
+    def _pong(self, payload: bytes) -> None:
+        if self.on_pong is not None:
+            self.on_pong(payload)
+
+    async def ping(self, payload: bytes) -> None:
+        self.wire.ping(payload)
+
     def _on_message(self, data: Any) -> None:
         worker = self.worker
         worker._last_rx = self.loop.time()
@@ -135,10 +159,12 @@ class WireLink:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
             return
-        frame, closing = worker.answer(self._host, data, self._parts)
+        frame, kind = worker.reply(self._host, data, self._parts)
         self.wire.send(frame)
         worker._last_rx = self.loop.time()  # a long step is not silence
-        if closing:
+        if kind == P.STEP:
+            self.steps += 1
+        elif kind == P.CLOSE:
             raise SessionClosed()  # ends the connection: `done` raises it in serve()
 
     async def send(self, frame: bytes) -> None:
