@@ -274,8 +274,7 @@ class Worker:
                         log.warning("handshake with %s failed: %s %s%s", url, exc.status, exc.message, hint)
                 except aiohttp.ServerFingerprintMismatch as exc:
                     log.error("the TLS certificate (the trainer's, or its relay's) is not the expected one "
-                              "(SHA-256 %s, "
-                              "--cert-fingerprint %s); not connecting", exc.got.hex(), exc.expected.hex())
+                              "(SHA-256 %s, --cert-fingerprint %s); not connecting", exc.got.hex(), exc.expected.hex())
                     return EXIT_UNTRUSTED
                 except aiohttp.ClientConnectorCertificateError as exc:
                     advice = (f"--cafile {self.cafile} does not verify it" if self.cafile else
