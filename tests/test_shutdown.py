@@ -23,6 +23,18 @@ from .test_workers import pid_gone, wait_until
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="sends POSIX signals")
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_children():
+    """A shell that starts the suite in the background (``cmd &``, nohup) ignores
+    SIGINT, and every child inherits that: Python would then install no Ctrl-C
+    handler in them. A handler here is reset to the default in each child."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_on_a_worker_exits_cleanly(cli_workers):
     envs = ws_gym.RemoteVectorEnv(2, env_id="CartPole-v1", port=0, connect_timeout=60)
     try:
