@@ -43,7 +43,6 @@ asyncio's loop; the run's first lines say which.
 from __future__ import annotations
 
 import argparse
-import atexit
 import collections
 import datetime
 import json
@@ -68,10 +67,13 @@ import gymnasium as gym
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # ws_gym from this checkout (the relay and workers import it too)
+HERE = Path(__file__).resolve().parent
+for path in (ROOT, HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))  # ws_gym from this checkout (the relay and workers import it too)
 
 import ws_gym  # noqa: E402  (registers ws_gym/Remote-v0)
+from processes import Children, child_env  # noqa: E402
 from ws_gym import loops  # noqa: E402
 
 ENV_ID = "CartPole-v1"
@@ -170,55 +172,6 @@ def cpu_seconds(pids: list[int]) -> float | None:
             return None
         total += seconds
     return total
-
-
-# ---------------------------------------------------------------------------- the processes started
-
-class Children:
-    """Every process this script starts; :meth:`stop_all` ends those still running
-    (at the end, on Ctrl-C or SIGTERM, on an error, and at exit as a last resort)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        atexit.register(self.stop_all)
-
-    def start(self, cmd: list[str], env: dict[str, str], out: IO[bytes] | int) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> int | None:
-        """Wait up to ``grace`` seconds for it to end, then SIGTERM, then SIGKILL."""
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        if proc in self.procs:
-            self.procs.remove(proc)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        self.procs = []
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This environment, with this checkout first on the path."""
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""), **extra)
 
 
 class Relay:
