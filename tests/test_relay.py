@@ -71,6 +71,9 @@ class RelayProcess:
             said.put(line)
         said.put("")  # the end
 
+    def output(self) -> str:
+        return "".join(self.lines)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

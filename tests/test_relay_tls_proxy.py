@@ -52,35 +52,6 @@ EPISODE = 15  # max_episode_steps: the runs cross episode ends
 STEPS = 35
 
 
-class Relay(RelayProcess):
-    """A relay whose output is drained on a thread (into ``lines``, for failure
-    messages): ``RelayProcess`` stops reading it once the relay listens, and a
-    full pipe would block the relay."""
-
-    def __init__(self, *args: str) -> None:
-        super().__init__(0, *args)
-        self._reader = threading.Thread(target=self._drain, name="relay-output", daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._reader.join(10)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """(relay's certificate, another one): each (certfile, keyfile, sha256 hex)."""
@@ -91,7 +62,7 @@ def certs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tls_relay(certs):
     certfile, keyfile, _ = certs[0]
-    relay = Relay("--certfile", certfile, "--keyfile", keyfile)
+    relay = RelayProcess(0, "--certfile", certfile, "--keyfile", keyfile)
     try:
         assert relay.url.startswith("wss://"), relay.output()
         yield relay
@@ -118,7 +89,7 @@ def workers(cli_workers, envs, counts, *extra: str, url: str | None = None):
             for n in counts]
 
 
-def equals_sync_vector_env(envs, num_envs: int, cli_workers, relay: Relay) -> None:
+def equals_sync_vector_env(envs, num_envs: int, cli_workers, relay: RelayProcess) -> None:
     """Reset and step ``envs`` next to SyncVectorEnv, same seeds and actions: equal exactly.
 
     When the workers do not all arrive, the error carries what the workers and
@@ -434,7 +405,7 @@ def nginx(certs, tmp_path_factory):
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
     if program is None:
         nginx_missing()
-    relay = Relay()
+    relay = RelayProcess()
     try:
         assert relay.url.startswith("ws://"), relay.output()
         certfile, keyfile, _ = certs[0]
