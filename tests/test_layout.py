@@ -18,7 +18,7 @@ MODULES = sorted(PACKAGE.glob("*.py"))
 MAX_LINES = 500
 
 # The trainer's side and the worker's side: neither imports the other's modules.
-TRAINER_SIDE = {"trainer", "server", "admission", "calls", "connection", "slots", "polling", "vector",
+TRAINER_SIDE = {"trainer", "server", "admission", "calls", "connection", "slots", "polling", "vector", "partial",
                 "env", "batching", "wait_mode", "local", "sb3", "relay_link", "stats", "stats_view", "metrics",
                 "dashboard"}
 WORKER_SIDE = {"worker", "client", "worker_links", "host", "host_async", "worker_status"}
@@ -74,7 +74,7 @@ def test_the_switches_are_read_in_config_only():
     assert found == []
 
 
-@pytest.mark.parametrize("name", ["vector", "env", "wait_mode", "batching"])
+@pytest.mark.parametrize("name", ["vector", "env", "wait_mode", "batching", "partial"])
 def test_the_remote_envs_reach_workers_through_the_trainer_only(name):
     module = tree(PACKAGE / f"{name}.py")
     touched = sorted({f"{node.attr} (line {node.lineno})" for node in ast.walk(module)

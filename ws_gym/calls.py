@@ -34,10 +34,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import threading
 import time
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from . import protocol as P
 from .errors import ProtocolError, StepTimeoutError, WorkerLostError, WsGymError
@@ -69,7 +70,7 @@ class Call:
     caller's thread too: the counting is done under one small lock.
     """
 
-    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "sink", "sent")
+    __slots__ = ("lock", "results", "remaining", "error", "done", "batch", "tolerant", "sink", "sent", "notify")
 
     def __init__(self, n: int) -> None:
         self.lock = threading.Lock()
@@ -83,6 +84,7 @@ class Call:
         # sink(idx, body, compact): takes each ok body on the thread that read it (see submit)
         self.sink: Callable[[int, Any, bool], None] | None = None
         self.sent = time.perf_counter()  # made just before its requests go out (round trips, ws_gym.stats)
+        self.notify: Any = None  # a queue that gets the call once it is complete (waits on several calls)
 
     def answer(self, idx: int, value: Any) -> None:
         """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
@@ -93,6 +95,8 @@ class Call:
                 return
             self.done = True
         self.lock.release()
+        if self.notify is not None:
+            self.notify.put(self)
 
     def finish(self) -> None:
         with _COUNT:
@@ -100,6 +104,8 @@ class Call:
                 return
             self.done = True
         self.lock.release()
+        if self.notify is not None:
+            self.notify.put(self)
 
     def fail(self, exc: BaseException) -> None:
         with _COUNT:
@@ -109,6 +115,18 @@ class Call:
 
 
 _COUNT = threading.Lock()  # guards Call's counting; held for a few instructions only
+
+
+class _AnyOf:
+    """Several calls polled as one (:func:`ws_gym.polling.poll_replies`): done once any is."""
+
+    def __init__(self, calls: Collection[Call]) -> None:
+        self.calls = calls
+        self.batch = [b for c in calls for b in c.batch]
+
+    @property
+    def done(self) -> bool:
+        return any(c.done for c in self.calls)
 
 
 class CallBook:
@@ -149,7 +167,7 @@ class CallBook:
         return self.wait(self.submit(items), timeout)
 
     def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False,
-               sink: Callable[[int, Any, bool], None] | None = None) -> Call:
+               sink: Callable[[int, Any, bool], None] | None = None, notify: Any = None) -> Call:
         """Encode and send the requests without waiting; :meth:`wait` collects the replies.
 
         ``tolerant`` (wait mode only): a worker lost meanwhile gives :data:`LOST`
@@ -158,7 +176,9 @@ class CallBook:
         ``compact``: the body is the worker's compact reply frame, checked
         already, to copy with ``conn.codec.copy_reply`` (its reply is then
         :data:`FILLED`). An error the sink raises fails the call (as a
-        ProtocolError), not the connection.
+        ProtocolError), not the connection. ``notify``: a queue that is given
+        the call once it is complete, for a caller waiting on several calls
+        (``send``/``recv``); it then collects it with :meth:`wait`.
         """
         if self.closed:
             raise WsGymError("the trainer is closed")
@@ -173,6 +193,7 @@ class CallBook:
             call.batch = batch
             call.tolerant = tolerant and self.wait_mode
             call.sink = sink
+            call.notify = notify
             if not batch:
                 call.finish()
             elif self.direct:
@@ -203,6 +224,33 @@ class CallBook:
         if call.error is not None:
             raise call.error
         return call.results
+
+    def first_done(self, calls: Collection[Call], done: "queue.SimpleQueue[Call]",
+                   timeout: float | None) -> Call | None:
+        """The first of ``calls`` (each submitted with ``notify=done``) to be
+        complete, or None after ``timeout``; collect it with :meth:`wait`.
+        Reads polled connections itself meanwhile, as :meth:`wait` does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                call = done.get_nowait()
+            except queue.Empty:
+                call = None
+            if call is not None:
+                if call in calls:  # else a call dropped since (a reset)
+                    return call
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if self.busy_poll:  # returns once one is done, or no polled worker owes them
+                left = poll_replies(_AnyOf(calls), left, self.spin_policy)
+            try:
+                call = done.get(timeout=left)
+            except queue.Empty:
+                return None
+            if call in calls:
+                return call
 
     def _send_direct(self, call: Call, batch: list) -> list:
         """Write the requests to workers whose socket takes them at once;

@@ -31,6 +31,7 @@ log = logging.getLogger("ws_gym")
 RELAY_TOKEN_ENV = "WS_GYM_RELAY_TOKEN"  # the relay's trainer token (relay_token=, the relay's --trainer-token)
 DEFAULT_MAX_MSG_SIZE = 256 * 1024 * 1024  # bytes; the largest message either side accepts
 VECTORIZATIONS = ("sync", "async")  # how a worker runs its envs: in its process, or in subprocesses
+COMPRESSIONS = ("auto", "none", "lz4", "zstd")  # the compression= choices (ws_gym[compress] for lz4, zstd)
 
 # Busy polling: the longest spins; ws_gym.polling.SpinPolicy spins that long or not at all, as measured.
 CALLER_POLL = 0.001  # seconds a caller spins on its replies before it sleeps
@@ -217,6 +218,11 @@ class RemoteConfig:
         dashboard_port: with ``relay``, the port on 127.0.0.1 the dashboard
             (``ws_gym.dashboard``) listens on; ``None``: a free one. Without
             a relay the dashboard is on the trainer's own port.
+        compression: how large observations travel: ``"auto"`` (compressed
+            on a connection where it pays, never on loopback), ``"none"``,
+            ``"lz4"`` or ``"zstd"`` (``pip install ws_gym[compress]``).
+        batch_size: how many envs ``recv()`` returns (EnvPool's asynchronous
+            API, ``send``/``recv``); ``None``: ``num_envs``.
 
     Raises:
         TypeError, ValueError: an option of the wrong type or out of range.
@@ -250,6 +256,8 @@ class RemoteConfig:
     relay_cafile: str | None = None
     relay_proxy: str | None = None
     dashboard_port: int | None = None
+    compression: str = "auto"
+    batch_size: int | None = None
     transport: Transport | None = field(default=None, repr=False)  # None: from the environment
 
     @classmethod
@@ -303,6 +311,11 @@ class RemoteConfig:
                 or not 0 <= self.dashboard_port <= 65535 or self.relay is None):
             raise ValueError(f"dashboard_port must be a port number (0: a free one), with relay= only: without "
                              f"a relay the dashboard is on the trainer's own port; got {self.dashboard_port!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {list(COMPRESSIONS)}, got {self.compression!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool)
+                                            or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
         self.connect_timeout = float(self.connect_timeout)
         self.step_timeout = None if self.step_timeout is None else float(self.step_timeout)
         self.handshake_timeout = float(self.handshake_timeout)

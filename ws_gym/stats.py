@@ -55,6 +55,7 @@ class RunCounters:
         self.lengths = np.zeros(window, dtype=np.int64)
         self._ret = np.zeros(num_envs)  # each env's return so far in its episode
         self._start = np.zeros(num_envs, dtype=np.int64)  # `steps` when its episode began
+        self._len = np.zeros(num_envs, dtype=np.int64)  # its steps so far (step_part's count)
 
     # ---------------------------------------------------------- caller thread
 
@@ -64,9 +65,11 @@ class RunCounters:
         if mask is None:
             self._ret[:] = 0.0
             self._start[:] = self.steps
+            self._len[:] = 0
         else:
             self._ret[mask] = 0.0
             self._start[mask] = self.steps
+            self._len[mask] = 0
 
     def step(self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
              infos: dict[str, Any]) -> None:
@@ -94,6 +97,23 @@ class RunCounters:
                 self.episodes += 1
             ret[i] = 0.0
             start[i] = begin
+
+    def step_part(self, start: int, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray) -> None:
+        """One worker's results for envs ``start:start+len(rewards)`` (``recv()``:
+        envs step apart, so their episodes' lengths are counted per env)."""
+        stop = start + len(rewards)
+        self.env_steps += len(rewards)
+        self._ret[start:stop] += rewards
+        self._len[start:stop] += 1
+        done = terminated | truncated
+        if np.count_nonzero(done):
+            for i in (np.flatnonzero(done) + start).tolist():
+                at = self.episodes % self.window
+                self.returns[at] = self._ret[i]
+                self.lengths[at] = self._len[i]
+                self.episodes += 1
+                self._ret[i] = 0.0
+                self._len[i] = -self.next_step  # NEXT_STEP: its next step is a reset step, in no episode
 
     def step_one(self, reward: float, ended: bool, lost: bool = False) -> None:
         """One single env's ``step()`` (``RemoteEnv``: no autoreset)."""

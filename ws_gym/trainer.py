@@ -252,9 +252,14 @@ class Trainer:
         (``timeout`` -1: ``step_timeout``)."""
         return self.calls.request(items, self.step_timeout if timeout == -1 else timeout)
 
-    def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False, sink: Any = None) -> Call:
+    def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False, sink: Any = None,
+               notify: Any = None) -> Call:
         """Send without waiting (see :meth:`ws_gym.calls.CallBook.submit`)."""
-        return self.calls.submit(items, tolerant, sink)
+        return self.calls.submit(items, tolerant, sink, notify)
+
+    def first_done(self, calls: Any, done: Any, timeout: float | None) -> Call | None:
+        """The first of ``calls`` to be complete (see :meth:`ws_gym.calls.CallBook.first_done`)."""
+        return self.calls.first_done(calls, done, timeout)
 
     def wait(self, call: Call, timeout: float | None = -1) -> list[Any]:
         """The replies of a submitted call (``timeout`` -1: ``step_timeout``)."""

@@ -26,6 +26,7 @@ from .batching import (
 from .calls import LOST, Call
 from .config import RemoteConfig
 from .errors import WorkerLostError
+from .partial import Flight, PartialBatches
 from .slots import env_ranges
 from .stats_view import StatsView
 from .trainer import Trainer
@@ -51,7 +52,7 @@ class PendingStep:
     batch: StepBatch | None = None  # the arrays the replies fill as they come (array observations)
 
 
-class RemoteVectorEnv(AroundHoles, StatsView):
+class RemoteVectorEnv(AroundHoles, PartialBatches, StatsView):
     """A ``VectorEnv`` of ``num_envs`` envs hosted by workers that dial in.
 
     Workers connect to :attr:`url` (``python -m ws_gym.worker --url ...``), or
@@ -80,6 +81,10 @@ class RemoteVectorEnv(AroundHoles, StatsView):
         self.num_envs = int(num_envs)
         config = RemoteConfig.from_options({"env_id": env_id, "env_kwargs": env_kwargs, **options},
                                            type(self).__name__)
+        self.batch_size: int = self.num_envs if config.batch_size is None else config.batch_size
+        if self.batch_size > self.num_envs:
+            raise ValueError(f"batch_size must be at most num_envs={self.num_envs}, got {self.batch_size}")
+        self._flight: Flight | None = None  # send()/recv() since async_reset() (ws_gym.partial)
         assert isinstance(config.autoreset_mode, AutoresetMode)  # RemoteConfig converted it
         self.autoreset_mode: AutoresetMode = config.autoreset_mode
         self.metadata = {"autoreset_mode": self.autoreset_mode}
@@ -163,6 +168,7 @@ class RemoteVectorEnv(AroundHoles, StatsView):
             RemoteEnvError: an env raised; its type and traceback come with it.
         """
         self._check_idle()
+        self._flight = None  # ends send()/recv(): replies still due are left to their calls
         trainer = self._trainer
         around_holes = trainer.wait_mode and bool(self._last)  # wait mode: only the first reset waits
         if not around_holes:
@@ -260,6 +266,9 @@ class RemoteVectorEnv(AroundHoles, StatsView):
         The trainer can do its own work in between while the envs step.
         """
         self._check_idle()
+        if self._flight is not None:
+            raise AlreadyPendingCallError("send()/recv() are in use since async_reset(): call reset() "
+                                          "before step()", "step")
         trainer = self._trainer
         array_actions = isinstance(self._single_act, ARRAY_SPACES)
         if array_actions:
@@ -464,6 +473,7 @@ class RemoteVectorEnv(AroundHoles, StatsView):
     def close_extras(self, **kwargs: Any) -> None:
         """Tell the workers to close their envs, stop the server, end local workers."""
         self._state, self._step = VectorState.DEFAULT, None  # its replies arrive before the close replies
+        self._flight = None
         self._trainer.close()
 
     def _check_open(self) -> None:
