@@ -207,3 +207,8 @@ def test_a_lost_worker_is_raised_by_recv_and_async_reset_starts_again():
         assert got == [0, 1, 2, 3]
     finally:
         envs.close()
+
+
+def test_a_single_env_takes_no_batch_size():
+    with pytest.raises(ValueError, match="vector env"):
+        gym.make("ws_gym/Remote-v0", env_id="CartPole-v1", port=0, batch_size=1)

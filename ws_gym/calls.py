@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
 from types import MappingProxyType
@@ -84,7 +83,7 @@ class Call:
         # sink(idx, body, compact): takes each ok body on the thread that read it (see submit)
         self.sink: Callable[[int, Any, bool], None] | None = None
         self.sent = time.perf_counter()  # made just before its requests go out (round trips, ws_gym.stats)
-        self.notify: Any = None  # a queue that gets the call once it is complete (waits on several calls)
+        self.notify: Arrivals | None = None  # gets the call once it is complete (waits on several calls)
 
     def answer(self, idx: int, value: Any) -> None:
         """Request ``idx`` is answered (a reply body, or :data:`LOST`)."""
@@ -115,6 +114,40 @@ class Call:
 
 
 _COUNT = threading.Lock()  # guards Call's counting; held for a few instructions only
+
+
+class Arrivals:
+    """Calls that completed, in that order, for a caller waiting on several
+    (``submit(..., notify=arrivals)``); ``put`` comes from whichever thread
+    completed the call, after its lock is released."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._done: list[Call] = []
+        self._forgotten: set[Call] = set()  # collected without take(): their put() is dropped
+
+    def put(self, call: Call) -> None:
+        with self._cond:
+            if call in self._forgotten:
+                self._forgotten.discard(call)
+                return
+            self._done.append(call)
+            self._cond.notify()
+
+    def take(self, timeout: float | None) -> Call | None:
+        """The earliest completed call not taken yet; None after ``timeout`` (0: at once)."""
+        with self._cond:
+            if not self._done and timeout != 0:
+                self._cond.wait(timeout)
+            return self._done.pop(0) if self._done else None
+
+    def forget(self, call: Call) -> None:
+        """``call`` was collected with :meth:`CallBook.wait` directly: drop its entry, now or when it comes."""
+        with self._cond:
+            if call in self._done:
+                self._done.remove(call)
+            else:
+                self._forgotten.add(call)
 
 
 class _AnyOf:
@@ -167,7 +200,7 @@ class CallBook:
         return self.wait(self.submit(items), timeout)
 
     def submit(self, items: list[tuple[WorkerConn, str, Any]], tolerant: bool = False,
-               sink: Callable[[int, Any, bool], None] | None = None, notify: Any = None) -> Call:
+               sink: Callable[[int, Any, bool], None] | None = None, notify: "Arrivals | None" = None) -> Call:
         """Encode and send the requests without waiting; :meth:`wait` collects the replies.
 
         ``tolerant`` (wait mode only): a worker lost meanwhile gives :data:`LOST`
@@ -176,9 +209,9 @@ class CallBook:
         ``compact``: the body is the worker's compact reply frame, checked
         already, to copy with ``conn.codec.copy_reply`` (its reply is then
         :data:`FILLED`). An error the sink raises fails the call (as a
-        ProtocolError), not the connection. ``notify``: a queue that is given
-        the call once it is complete, for a caller waiting on several calls
-        (``send``/``recv``); it then collects it with :meth:`wait`.
+        ProtocolError), not the connection. ``notify``: an :class:`Arrivals`
+        that is given the call once it is complete, for a caller waiting on
+        several calls (``recv``); it then collects it with :meth:`wait`.
         """
         if self.closed:
             raise WsGymError("the trainer is closed")
@@ -225,31 +258,23 @@ class CallBook:
             raise call.error
         return call.results
 
-    def first_done(self, calls: Collection[Call], done: "queue.SimpleQueue[Call]",
-                   timeout: float | None) -> Call | None:
-        """The first of ``calls`` (each submitted with ``notify=done``) to be
-        complete, or None after ``timeout``; collect it with :meth:`wait`.
+    def first_done(self, calls: Collection[Call], arrivals: "Arrivals", timeout: float | None) -> Call | None:
+        """The first of ``calls`` (each submitted with ``notify=arrivals``) to
+        be complete, or None after ``timeout``; collect it with :meth:`wait`.
         Reads polled connections itself meanwhile, as :meth:`wait` does."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                call = done.get_nowait()
-            except queue.Empty:
-                call = None
-            if call is not None:
-                if call in calls:  # else a call dropped since (a reset)
-                    return call
-                continue
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            if self.busy_poll:  # returns once one is done, or no polled worker owes them
-                left = poll_replies(_AnyOf(calls), left, self.spin_policy)
-            try:
-                call = done.get(timeout=left)
-            except queue.Empty:
-                return None
-            if call in calls:
+            call = arrivals.take(0.0)
+            if call is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                if self.busy_poll:  # returns once one is done, or no polled worker owes them
+                    left = poll_replies(_AnyOf(calls), left, self.spin_policy)
+                call = arrivals.take(left)
+                if call is None:
+                    return None
+            if call in calls:  # else one collected otherwise since (see Arrivals.forget)
                 return call
 
     def _send_direct(self, call: Call, batch: list) -> list:

@@ -53,6 +53,8 @@ class RemoteEnv(StatsView, gym.Env):
         config = RemoteConfig.from_options({"env_id": env_id, "env_kwargs": env_kwargs, **options},
                                            type(self).__name__)
         config.autoreset_mode = AutoresetMode.NEXT_STEP
+        if config.batch_size is not None:
+            raise ValueError("batch_size is for the vector env (gym.make_vec): a single env has no batches")
         self._trainer = Trainer(config, num_envs=1, mode=P.MODE_SINGLE)
         self.url: str = self._trainer.url
         self.token: str | None = self._trainer.token  # what workers must present (maybe generated)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from gymnasium.vector.utils import concatenate, create_empty_array
 
 from . import protocol as P
 from .batching import ARRAY_SPACES, batch_shape, check_actions, check_reply, item, own
-from .calls import Call
+from .calls import Arrivals, Call
 from .errors import ProtocolError, StepTimeoutError
 
 
@@ -64,7 +63,7 @@ class Flight:
     ready: deque = field(default_factory=deque)  # Ready entries, in arrival order
     actions: dict = field(default_factory=dict)  # worker start -> {env: action}, collected by send()
     out: dict = field(default_factory=dict)  # Call -> worker, the requests out
-    done: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # calls complete (see CallBook.submit)
+    done: Arrivals = field(default_factory=Arrivals)  # calls complete, in that order (see CallBook.submit)
     last_ids: np.ndarray | None = None  # what the last recv() returned
 
 
@@ -199,7 +198,9 @@ class PartialBatches(VectorEnv):
     def _next_done(self, flight: Flight, deadline: float | None) -> Call:
         """A complete call of this flight (one out: waited for directly, so busy polling serves it)."""
         if len(flight.out) == 1:
-            return next(iter(flight.out))
+            call = next(iter(flight.out))
+            flight.done.forget(call)  # not taken from the arrivals: its entry is dropped
+            return call
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         call = self._trainer.first_done(flight.out, flight.done, left)
         if call is None:
