@@ -20,7 +20,7 @@ MAX_LINES = 500
 # The trainer's side and the worker's side: neither imports the other's modules.
 TRAINER_SIDE = {"trainer", "server", "admission", "calls", "connection", "slots", "polling", "vector", "partial",
                 "env", "batching", "wait_mode", "local", "sb3", "relay_link", "stats", "stats_view", "metrics",
-                "dashboard"}
+                "dashboard", "rllib"}
 WORKER_SIDE = {"worker", "client", "worker_links", "host", "host_async", "worker_status"}
 RELAY_SIDE = {"relay", "rooms"}
 # What the remote envs may not touch: the trainer's insides.

@@ -215,6 +215,9 @@ class RemoteConfig:
             ``wss://`` relay with; default: the system's CAs.
         relay_proxy: an HTTP proxy to reach the relay through; default: the
             ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables.
+        relay_room: ``(room id, key)`` to ask the relay for from the first
+            dial on, so a trainer started again (an RLlib EnvRunner) gets the
+            same room and its workers back; ``None``: the relay picks one.
         dashboard_port: with ``relay``, the port on 127.0.0.1 the dashboard
             (``ws_gym.dashboard``) listens on; ``None``: a free one. Without
             a relay the dashboard is on the trainer's own port.
@@ -255,6 +258,7 @@ class RemoteConfig:
     relay_token: str | None = field(default=None, repr=False)
     relay_cafile: str | None = None
     relay_proxy: str | None = None
+    relay_room: tuple[str, str] | None = field(default=None, repr=False)
     dashboard_port: int | None = None
     compression: str = "auto"
     batch_size: int | None = None
@@ -333,6 +337,13 @@ class RemoteConfig:
         if self.ssl_context is not None or self.certfile is not None:
             raise ValueError("with relay=, TLS is the relay's (its --certfile): the trainer serves no "
                              "certificate itself; drop certfile=/ssl_context=")
+        if self.relay_room is not None:
+            from .rooms import valid_id
+
+            if (not isinstance(self.relay_room, (tuple, list)) or len(self.relay_room) != 2
+                    or not all(valid_id(part) for part in self.relay_room)):
+                raise ValueError("relay_room must be (room id, key), each 16 to 128 of A-Z a-z 0-9 _ -")
+            self.relay_room = (self.relay_room[0], self.relay_room[1])
         if self.token == "":
             raise ValueError("token='' with relay=: a relay is public, so its workers need a token; "
                              "leave token= out to have one generated")

@@ -83,6 +83,7 @@ class RelaySettings:
     token: str
     cafile: str | None = None
     proxy: str | None = None
+    room: tuple[str, str] | None = None  # (id, key): the room to ask for from the first dial on
 
     def endpoint(self, *parts: str) -> str:
         return "/".join((self.url.rstrip("/"),) + parts)
@@ -112,8 +113,8 @@ class RelayLink:
         self.serve = serve
         self.heartbeat = heartbeat
         self.timeout = timeout  # seconds for one dial (and the relay's first message)
-        self.room: str | None = None
-        self.key: str | None = None
+        self.room: str | None = settings.room[0] if settings.room else None
+        self.key: str | None = settings.room[1] if settings.room else None
         self.accepted = 0  # data connections handed to the server (statistics)
         self.reconnects = 0
         self._ssl = settings.ssl_context()

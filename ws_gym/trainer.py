@@ -132,7 +132,8 @@ class Trainer:
         relay = None
         if config.relay is not None:  # remote workers come through the relay; local ones on loopback
             assert config.relay_token is not None  # RemoteConfig checked it
-            relay = RelaySettings(config.relay, config.relay_token, config.relay_cafile, config.relay_route())
+            relay = RelaySettings(config.relay, config.relay_token, config.relay_cafile, config.relay_route(),
+                                  config.relay_room)
             host = "127.0.0.1"
         self.token_generated = False
         tokens_off = token == ""  # no token on purpose: proxied connections are let in too
