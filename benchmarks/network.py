@@ -15,6 +15,21 @@ measures how close ws_gym comes to that bound:
 * RTT 0 (the link adds no delay: the figure alone, no bound), 10, 40 and
   100 ms.
 
+A second group of cases, ``frames``, measures compressed observations
+(``compression=``): ``ws_gym/CartPolePixels-v0`` (CartPole drawn into 84x84
+grayscale frames, the last 4 stacked: 84x84x4 uint8, 28 kB an env-step), 32
+envs over 2 workers, each worker's link at 40 ms RTT and 20 Mbit/s each way,
+``compression="auto"`` against ``"none"``. Plain frames cannot beat the link's
+bandwidth: the bound is (2 links x 20 Mbit/s) / (bytes an env-step sends
+plain); the goal is auto at least 3x none (medians). ``"auto"`` never
+compresses on loopback, and the links are on this machine, so in this group
+the trainer listens on, and the links run between, a non-loopback address of
+this machine (e.g. eth0's): the trainer then sees its workers' connections
+come from that address and decides as for another PC (the kernel still
+carries the bytes over its loopback device; the link imposes the delay and
+the rate). Where the machine has no such address, the run says so and
+measures ``compression="zstd"`` (explicit: every connection) instead.
+
 Each case is built (fresh links and workers), its first reset waits for the
 workers, it is stepped for ``--warmup`` seconds untimed, then for ``--seconds``
 of wall time with pre-sampled actions, counting vector steps, and closed. The
@@ -27,9 +42,10 @@ The link's own timer wakes up to about 1 ms after a chunk's deadline (epoll
 waits in whole milliseconds); the run prints how late its deliveries were, as
 that lateness adds to every round trip (twice, once per direction).
 
-    python benchmarks/network.py                 # default: 3 repetitions, about 2-3 minutes
-    python benchmarks/network.py --quick         # smoke test: 8 envs at 0 and 10 ms, a few seconds
+    python benchmarks/network.py                 # default: 3 repetitions, about 3-4 minutes
+    python benchmarks/network.py --quick         # smoke test: 8 envs at 0 and 10 ms, frames 8 envs, seconds
     python benchmarks/network.py --rtt 40 --envs 64 --json network.json
+    python benchmarks/network.py --group frames  # compressed observations only
 """
 
 from __future__ import annotations
@@ -41,6 +57,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +65,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -59,7 +76,9 @@ for path in (ROOT, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))  # ws_gym from this checkout, and netlink beside this file
 
+import netlink  # noqa: E402
 import ws_gym  # noqa: E402  (registers ws_gym/Remote-v0)
+from ws_gym.compression import available as available_codecs  # noqa: E402
 from netlink import Link  # noqa: E402
 from processes import Children, child_env  # noqa: E402
 
@@ -71,6 +90,15 @@ GOAL_RTT_MS = 40
 GOAL = 0.95  # env-steps/s / (num_envs / RTT) at GOAL_RTT_MS
 ACTION_POOL = 256
 CONNECT_TIMEOUT = 60.0
+LOOPBACK = "127.0.0.1"
+
+FRAMES_ENV = "ws_gym/CartPolePixels-v0"
+FRAMES_ENVS = 32
+FRAMES_RTT_MS = 40
+FRAMES_RATE_MBIT = 20.0  # per worker link, each way
+FRAMES_GOAL = 3.0  # auto / none, medians
+FRAMES_STEP_BYTES = 84 * 84 * 4 + 8 + 2  # an env-step's plain reply: observation, reward, 2 flags
+GROUPS = ("cartpole", "frames")
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,15 +110,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rtt", type=float, nargs="+", default=list(RTTS_MS), help="RTTs in ms (default 0 10 40 100)")
     p.add_argument("--seed", type=int, default=0, help="seed for reset() and the pre-sampled actions (default 0)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results to PATH as JSON")
+    p.add_argument("--group", choices=GROUPS, nargs="+", default=list(GROUPS),
+                   help="which cases: cartpole (num_envs / RTT), frames (compression); default both")
+    p.add_argument("--frames-envs", type=int, default=FRAMES_ENVS, help=f"frames: num_envs (default {FRAMES_ENVS})")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: 8 envs at RTT 0 and 10 ms, 1 s timed, 1 repetition")
+                   help="smoke test: 8 envs at RTT 0 and 10 ms, frames with 8 envs, 1 s timed, 1 repetition")
     args = p.parse_args()
     if args.quick:
         args.envs, args.rtt, args.seconds, args.warmup, args.repeats = [8], [0, 10], 1.0, 0.2, 1
+        args.frames_envs = 8
     if args.seconds <= 0 or args.warmup < 0 or args.repeats < 1 or min(args.rtt) < 0:
         p.error("--seconds must be > 0, --warmup and --rtt >= 0, --repeats >= 1")
-    if any(n < WORKERS or n % WORKERS for n in args.envs):
-        p.error(f"--envs must be multiples of {WORKERS}")
+    if any(n < WORKERS or n % WORKERS for n in [*args.envs, args.frames_envs]):
+        p.error(f"--envs and --frames-envs must be multiples of {WORKERS}")
     return args
 
 
@@ -104,21 +136,39 @@ class Run:
     setup_s: float
     late_mean_ms: float  # the links' deliveries after their deadline
     late_max_ms: float
+    compressed: str = "none"  # the codec the trainer chose for its workers' connections
+    wire_ratio: float = 0.0  # observation bytes / bytes on the wire, of those sent compressed
 
 
 @dataclass
 class Case:
+    """One measured setup; a group of cases shares a table and a verdict (GROUPS)."""
+
     num_envs: int
     rtt_ms: float
+    group: str = "cartpole"
+    env_id: str = ENV_ID
+    rate_mbit: float | None = None  # per worker link, each way (None: no limit)
+    compression: str = "auto"
+    address: str = LOOPBACK  # where the trainer listens and the links run
     runs: list[Run] = field(default_factory=list)
 
     @property
     def name(self) -> str:
+        if self.group == "frames":
+            return f"frames {self.num_envs} envs, {self.compression}"
         return f"{self.num_envs} envs, RTT {self.rtt_ms:g} ms"
 
     @property
     def bound(self) -> float | None:
-        return self.num_envs / (self.rtt_ms / 1000) if self.rtt_ms > 0 else None
+        """The most env-steps/s plain frames can make: num_envs / RTT, and with a
+        rate, the links' bandwidth / the bytes an env-step sends plain."""
+        bounds = []
+        if self.rtt_ms > 0:
+            bounds.append(self.num_envs / (self.rtt_ms / 1000))
+        if self.rate_mbit:
+            bounds.append(WORKERS * self.rate_mbit * 1e6 / 8 / FRAMES_STEP_BYTES)
+        return min(bounds) if bounds else None
 
     def median(self, what: str) -> float:
         return statistics.median(getattr(r, what) for r in self.runs)
@@ -130,23 +180,24 @@ class Case:
 def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
     """Build, start links and workers, reset, warm up, step ``args.seconds``, close (always)."""
     t0 = time.perf_counter()
-    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=case.num_envs, env_id=ENV_ID, port=0,
-                        connect_timeout=CONNECT_TIMEOUT)
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=case.num_envs, env_id=case.env_id, port=0,
+                        host=case.address, connect_timeout=CONNECT_TIMEOUT, compression=case.compression)
     links: list[Link] = []
     workers: list[tuple[subprocess.Popen, IO[bytes]]] = []
+    netlink.HOST = case.address  # the links listen there and dial the trainer there (reset below)
     try:
         url, token = envs.unwrapped.url, envs.unwrapped.token
-        prefix = "ws://127.0.0.1:"
+        prefix = f"ws://{case.address}:"
         assert url.startswith(prefix), url
         port_text, _, path = url[len(prefix):].partition("/")
         env = child_env(WS_GYM_TOKEN=token) if token else child_env()
         for _ in range(WORKERS):
-            link = Link(int(port_text), delay_ms=case.rtt_ms / 2)
+            link = Link(int(port_text), delay_ms=case.rtt_ms / 2, rate_mbit=case.rate_mbit)
             links.append(link)
             link.start()
             log = tempfile.TemporaryFile()
             cmd = [sys.executable, "-m", "ws_gym.worker", "--url", f"{prefix}{link.port}/{path}",
-                   "--env", ENV_ID, "--num-envs", str(case.num_envs // WORKERS)]
+                   "--env", case.env_id, "--num-envs", str(case.num_envs // WORKERS), "--quiet"]
             workers.append((children.start(cmd, env, log), log))
         try:
             envs.reset(seed=args.seed)  # waits for the workers
@@ -175,6 +226,7 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
             now = time.perf_counter()
         elapsed = now - start
         late_after = [link.lateness() for link in links]
+        compressed, wire_ratio = compression_seen(envs)
     finally:
         envs.close()  # the workers exit when their trainer closes
         for proc, log in workers:
@@ -182,6 +234,7 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
             log.close()
         for link in links:
             link.close()
+        netlink.HOST = LOOPBACK
 
     # the links' lateness over the timed steps only: from the running (count, mean, max)
     count = sum(a[0] - b[0] for a, b in zip(late_after, late_before))
@@ -193,7 +246,57 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
         setup_s=setup,
         late_mean_ms=1000 * total / count if count else 0.0,
         late_max_ms=1000 * max(a[2] for a in late_after),
+        compressed=compressed,
+        wire_ratio=wire_ratio,
     )
+
+
+def compression_seen(envs: Any) -> tuple[str, float]:
+    """The codec(s) the trainer chose for its workers, and the ratio of what was compressed
+    (read from the trainer's connections: a benchmark's look inside)."""
+    conns = list(envs.unwrapped._trainer.table.conns)
+    names = sorted({c.compression for c in conns}) or ["none"]
+    unzips = [u for u in (getattr(c.codec, "unzip", None) for c in conns) if u is not None]
+    wire = sum(u.wire_bytes for u in unzips)
+    return "+".join(names), (sum(u.raw_bytes for u in unzips) / wire if wire else 0.0)
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback (eth0's, say), or None."""
+    candidates = []
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+            candidates.append(s.getsockname()[0])
+    except OSError:
+        pass
+    try:
+        candidates += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+    except OSError:
+        pass
+    for address in candidates:
+        if not address.startswith("127.") and address != "0.0.0.0":
+            try:
+                with socket.socket() as probe:
+                    probe.bind((address, 0))  # really this machine's
+                return address
+            except OSError:
+                continue
+    return None
+
+
+# ---------------------------------------------------------------------------- the case groups
+
+def cartpole_cases(args: argparse.Namespace) -> list[Case]:
+    return [Case(n, float(rtt)) for n in args.envs for rtt in args.rtt]
+
+
+def frames_cases(args: argparse.Namespace) -> list[Case]:
+    address = non_loopback_address()
+    codecs = available_codecs()
+    auto = "auto" if address is not None or not codecs else codecs[0]
+    return [Case(args.frames_envs, FRAMES_RTT_MS, "frames", FRAMES_ENV, FRAMES_RATE_MBIT, compression,
+                 address or LOOPBACK) for compression in ("none", auto)]
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -221,6 +324,40 @@ def format_table(cases: list[Case]) -> str:
             f"{'-' if bound is None else f'{bound:,.0f}':>7}  {'-' if ratio is None else f'{ratio:.3f}x':>6}  "
             f"{case.median('late_mean_ms'):>12.2f}  {case.median('setup_s'):>7.2f}  {reps}")
     return "\n".join(lines)
+
+
+def format_frames(cases: list[Case]) -> str:
+    header = (f"{'compression':>11}  {'chosen':>6}  {'env-steps/s':>11}  {'bound':>6}  {'ratio':>6}  "
+              f"{'wire ratio':>10}  repetitions (env-steps/s)")
+    lines = [header, "-" * len(header)]
+    for case in cases:
+        bound, ratio = case.bound, case.ratio()
+        reps = ", ".join(f"{r.env_steps_per_s:,.0f}" for r in case.runs)
+        wire = case.median("wire_ratio")
+        lines.append(
+            f"{case.compression:>11}  {case.runs[-1].compressed:>6}  {case.median('env_steps_per_s'):>11,.0f}  "
+            f"{'-' if bound is None else f'{bound:,.0f}':>6}  {'-' if ratio is None else f'{ratio:.2f}x':>6}  "
+            f"{f'{wire:.0f}:1' if wire else '-':>10}  {reps}")
+    return "\n".join(lines)
+
+
+def frames_verdict(cases: list[Case]) -> tuple[bool | None, str]:
+    none = [c for c in cases if c.compression == "none"]
+    other = [c for c in cases if c.compression != "none"]
+    goal_text = f"goal: auto >= {FRAMES_GOAL:g}x none at {FRAMES_RTT_MS} ms RTT, {FRAMES_RATE_MBIT:g} Mbit/s"
+    goal_text += f", {FRAMES_ENVS} envs"
+    if not none or not other:
+        return None, f"verdict: not measured in this run ({goal_text})"
+    speedup = other[0].median("env_steps_per_s") / none[0].median("env_steps_per_s")
+    if other[0].compression != "auto":
+        return None, (f"verdict: {other[0].compression} (explicit, no non-loopback address here) is "
+                      f"{speedup:.2f}x none; auto was not measured ({goal_text})")
+    if other[0].runs[-1].compressed == "none":
+        return None, f"verdict: auto chose no codec (none installed?) ({goal_text})"
+    if other[0].num_envs != FRAMES_ENVS:
+        return None, f"verdict: not judged with {other[0].num_envs} envs: auto is {speedup:.2f}x none ({goal_text})"
+    met = speedup >= FRAMES_GOAL
+    return met, f"verdict: goal {'met' if met else 'NOT met'}: auto is {speedup:.2f}x none ({goal_text})"
 
 
 def verdict(cases: list[Case]) -> tuple[bool | None, str]:
@@ -251,13 +388,39 @@ def main() -> int:
     print(f"python {platform.python_version()}, gymnasium {gym.__version__}, numpy {np.__version__}, "
           f"ws_gym {ws_gym.__version__}; cpus: {os.cpu_count()} (usable {cpus_usable()}), "
           f"load average {loadavg()}")
-    print(f"{ENV_ID} over {WORKERS} worker processes (python -m ws_gym.worker), each dialing the trainer through "
-          f"its own userspace link on 127.0.0.1 (benchmarks/netlink.py, one-way delay RTT/2 each way); "
+    print(f"{WORKERS} worker processes (python -m ws_gym.worker), each dialing the trainer through "
+          f"its own userspace link (benchmarks/netlink.py, one-way delay RTT/2 each way); "
           f"{args.seconds:g} s timed per case after {args.warmup:g} s warm-up, {args.repeats} repetition(s), "
-          f"interleaved; bound = num_envs / RTT\n", flush=True)
+          f"interleaved", flush=True)
+    groups: dict[str, tuple[Callable[[argparse.Namespace], list[Case]], Callable[[list[Case]], str],
+                            Callable[[list[Case]], tuple[bool | None, str]], str]] = {
+        "cartpole": (cartpole_cases, format_table, verdict,
+                     f"{ENV_ID} on 127.0.0.1; bound = num_envs / RTT; link late = the mean time the links "
+                     "delivered a chunk after its deadline (adds twice to each round trip)"),
+        "frames": (frames_cases, format_frames, frames_verdict,
+                   f"{FRAMES_ENV} (84x84x4 uint8), {args.frames_envs} envs, {FRAMES_RTT_MS} ms RTT and "
+                   f"{FRAMES_RATE_MBIT:g} Mbit/s per worker link; bound = min(num_envs / RTT, {WORKERS} links' "
+                   f"bandwidth / {FRAMES_STEP_BYTES} bytes an env-step sends plain); chosen = the codec the "
+                   "trainer chose; wire ratio = observation bytes / compressed bytes"),
+    }
+    chosen = {g: groups[g][0](args) for g in args.group}
+    if "frames" in chosen:
+        address = chosen["frames"][0].address
+        if not available_codecs():
+            print("frames: neither lz4 nor zstandard is installed (pip install ws_gym[compress]): "
+                  "compression='auto' means none here")
+        print("frames: " + (f"the trainer listens on {address} and the links run between {address} and "
+                            f"{address}: a non-loopback address of this machine, so the trainer treats the "
+                            "workers as remote (compression='auto' applies); the kernel still carries the "
+                            "bytes over loopback, the links impose the delay and rate"
+                            if address != LOOPBACK else
+                            "no non-loopback address on this machine: compression='auto' would stay off on "
+                            f"loopback, so the compressed case is compression={chosen['frames'][1].compression!r} "
+                            "(explicit)"))
+    print()
 
     children = Children()
-    cases = [Case(n, float(rtt)) for n in args.envs for rtt in args.rtt]
+    cases = [case for group in chosen.values() for case in group]
     started = time.perf_counter()
     try:
         for rep in range(args.repeats):
@@ -273,14 +436,17 @@ def main() -> int:
         children.stop_all()
     total = time.perf_counter() - started
 
-    print()
-    print("medians; ratio = env-steps/s / bound; link late = the mean time the links delivered a chunk after "
-          "its deadline (adds twice to each round trip)")
-    print(format_table(cases))
-    print()
-    met, line = verdict(cases)
-    print(line)
+    verdicts = {}
+    for name, group in chosen.items():
+        _, table, judge, legend = groups[name]
+        print()
+        print(f"{name}: medians; ratio = env-steps/s / bound; {legend}")
+        print(table(group))
+        met, line = judge(group)
+        verdicts[name] = met
+        print(line)
     print(f"measured in {total:.0f} s, load average now {loadavg()}")
+    met = verdicts.get("cartpole")
 
     if args.json:
         with open(args.json, "w") as f:
@@ -293,12 +459,16 @@ def main() -> int:
                             "ws_gym": ws_gym.__version__},
                 "config": {"seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
                            "seed": args.seed, "workers": WORKERS, "env_id": ENV_ID},
-                "cases": [{"num_envs": c.num_envs, "rtt_ms": c.rtt_ms, "bound": c.bound, "ratio": c.ratio(),
+                "cases": [{"group": c.group, "env_id": c.env_id, "num_envs": c.num_envs, "rtt_ms": c.rtt_ms,
+                           "rate_mbit": c.rate_mbit, "compression": c.compression, "address": c.address,
+                           "bound": c.bound, "ratio": c.ratio(),
                            "median_env_steps_per_s": c.median("env_steps_per_s"),
                            "runs": [asdict(r) for r in c.runs]} for c in cases],
                 "goal": GOAL,
                 "goal_rtt_ms": GOAL_RTT_MS,
                 "goal_met": met,
+                "frames_goal": FRAMES_GOAL,
+                "frames_goal_met": verdicts.get("frames"),
                 "seconds": total,
             }, f, indent=2)
         print(f"wrote {args.json}")

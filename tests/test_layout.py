@@ -21,7 +21,7 @@ MAX_LINES = 500
 TRAINER_SIDE = {"trainer", "server", "admission", "calls", "connection", "slots", "polling", "vector", "partial",
                 "env", "batching", "wait_mode", "local", "sb3", "relay_link", "stats", "stats_view", "metrics",
                 "dashboard", "rllib"}
-WORKER_SIDE = {"worker", "client", "worker_links", "host", "host_async", "worker_status"}
+WORKER_SIDE = {"worker", "client", "worker_links", "host", "host_async", "worker_status", "replies"}
 RELAY_SIDE = {"relay", "rooms"}
 # What the remote envs may not touch: the trainer's insides.
 TRAINER_INSIDES = {"server", "calls", "table", "pool", "admission"}

@@ -5,7 +5,8 @@ later its spaces), a contiguous run of free env slots is reserved for it, and
 its welcome is written. A worker that dials in again presents the id its
 welcome gave it: it gets the envs it served back where they are free, and the
 connection it left behind (dead, but not noticed yet) is named so that the
-server can drop it.
+server can drop it. The welcome also says whether the worker's observations
+travel compressed on this connection (:func:`ws_gym.compression.choose`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import itertools
 import secrets
 from dataclasses import dataclass
 
+from . import compression as Z
 from . import protocol as P
-from .compact import StepCodec, layout_for
+from .compact import StepCodec, ZStepCodec, layout_for
+from .config import DEFAULT_MAX_MSG_SIZE
 from .connection import WorkerConn
 from .errors import HandshakeError, ProtocolError
 from .liveness import TrainerLiveness
@@ -40,11 +43,14 @@ class Admission:
     """The handshake's decisions, on the loop thread; the table is shared with callers."""
 
     def __init__(self, table: SlotTable, expect: Expectation, *, heartbeat: float | None,
-                 compact: bool) -> None:
+                 compact: bool, compression: str = "auto", max_msg_size: int = DEFAULT_MAX_MSG_SIZE) -> None:
         self.table = table
         self.expect = expect
         self.heartbeat = heartbeat
         self.compact = compact  # offer compact step frames to workers that take them
+        Z.require(compression)  # an explicit codec that is not installed: a clear error now
+        self.compression = compression  # "auto", "none", "lz4" or "zstd" (see ws_gym.compression)
+        self.max_msg_size = max_msg_size  # also what compressed observations may decompress to
         self._by_id: dict[str, WorkerConn] = {}  # worker_id -> its live connection
         self._served: dict[str, tuple[int, int]] = {}  # worker_id -> the envs it served last
         self._ids = itertools.count(1)
@@ -53,8 +59,9 @@ class Admission:
         """The connection a returning worker left behind, if it is still here."""
         return None if hello.worker_id is None else self._by_id.get(hello.worker_id)
 
-    def admit(self, hello: P.Hello, peer: str) -> WorkerConn:
-        """Reserve a run of free slots for the worker, or raise HandshakeError."""
+    def admit(self, hello: P.Hello, peer: str, local: bool = False) -> WorkerConn:
+        """Reserve a run of free slots for the worker, or raise HandshakeError.
+        ``local``: it is on this machine (loopback or Unix socket)."""
         table = self.table
         prefer = None if hello.worker_id is None else self._served.get(hello.worker_id)
         with table.cond:
@@ -86,6 +93,8 @@ class Admission:
             conn.worker_id = hello.worker_id or secrets.token_hex(16)
             if self.heartbeat:
                 conn.live = TrainerLiveness(self.heartbeat)
+            name, auto = Z.choose(self.compression, list(hello.compression), local)
+            conn.compression, conn.compress_auto = name or "none", auto
             table.take(conn)
         self._by_id[conn.worker_id] = conn
         self._served.pop(conn.worker_id, None)  # re-inserted last: the bound below drops the oldest
@@ -108,6 +117,8 @@ class Admission:
             record_episode_statistics=expect.record_episode_statistics,
             heartbeat=self.heartbeat,
             worker_id=conn.worker_id,
+            compression=None if conn.compression == "none" else conn.compression,
+            compress="auto" if conn.compress_auto else "always",
         )
 
     def ready(self, ready: P.Ready, conn: WorkerConn) -> None:
@@ -123,9 +134,14 @@ class Admission:
                 cond.notify_all()
             else:
                 self._check_spaces(ready, known, conn)
+        layout = None
         if ready.compact and self.compact:
-            conn.codec = StepCodec(layout_for(known.observation_space, known.action_space, conn.count,
-                                              self.expect.mode == P.MODE_SINGLE))
+            layout = layout_for(known.observation_space, known.action_space, conn.count,
+                                self.expect.mode == P.MODE_SINGLE)
+        if conn.compression != "none":
+            conn.codec = ZStepCodec(layout, Z.Decompressor(conn.compression, self.max_msg_size))
+        elif layout is not None:
+            conn.codec = StepCodec(layout)
 
     @staticmethod
     def _check_spaces(ready: P.Ready, known: P.Ready, conn: WorkerConn) -> None:

@@ -21,12 +21,13 @@ import os
 import random
 import socket
 import ssl
-from typing import Any, Literal, Mapping, overload
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from . import codec, compact
+from . import codec, replies
+from . import compression as Z
 from . import protocol as P
 from .errors import HandshakeError, ProtocolError
 from .config import DEFAULT_MAX_MSG_SIZE as DEFAULT_MAX_MSG
@@ -142,8 +143,10 @@ class Worker:
         proxy: str | None = None,
         environ: Mapping[str, str] | None = None,
         status_interval: float = 0.0,
+        compression: str = "auto",
     ) -> None:
         self.url = url
+        self.offered_codecs = Z.offer(compression)  # what the hello offers (ImportError: not installed)
         self._shown_url = without_credentials(url)  # what the logs say
         if not busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll!r}")
@@ -358,13 +361,16 @@ class Worker:
 
     async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         await ws.send_bytes(codec.encode(
-            P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name, self.worker_id)))
+            P.HELLO, 0, P.make_hello(self.env_id, self.num_envs, self.name, self.worker_id, self.offered_codecs)))
         msg = await receive_message(ws, 60, "during the handshake")
         if msg.kind == P.REFUSE:
             raise HandshakeError(P.parse_reason(msg.body), retry=P.parse_retry(msg.body))
         if msg.kind != P.WELCOME:
             raise ProtocolError(f"expected welcome, got {msg.kind!r}")
         welcome = P.parse_welcome(codec.writable(msg.body))
+        if welcome.compression is not None and welcome.compression not in self.offered_codecs:
+            raise ProtocolError(f"the trainer chose compression {welcome.compression!r}, which this worker "
+                                f"did not offer ({', '.join(self.offered_codecs) or 'none'})")
         if welcome.worker_id is not None:
             self.worker_id = welcome.worker_id
         if welcome.heartbeat:  # a reply into a dead link ends the connection (see ws_gym.liveness)
@@ -386,6 +392,8 @@ class Worker:
             raise HandshakeError(why)
         try:
             host = self.host = EnvHost(welcome, vectorization=self.vectorization)
+            if welcome.compression is not None:  # this connection's observations may travel compressed
+                host.zip = Z.Compressor(welcome.compression, welcome.compress == "auto")
         except Exception as exc:  # env creation failed: tell the trainer why
             log.exception("could not create %s", welcome.env_id)
             await link.send(codec.encode(P.ERROR, 0, P.error_body(exc)))
@@ -400,8 +408,10 @@ class Worker:
         if msg.kind != P.ACCEPT:
             raise ProtocolError(f"expected accept, got {msg.kind!r}")
         self._delays_reset = True
-        log.info("hosting %d x %s as envs %d..%d", welcome.num_envs, welcome.env_id,
-                 welcome.first_index, welcome.first_index + welcome.num_envs - 1)
+        log.info("hosting %d x %s as envs %d..%d%s", welcome.num_envs, welcome.env_id,
+                 welcome.first_index, welcome.first_index + welcome.num_envs - 1,
+                 "" if welcome.compression is None else
+                 f"; observations compressed with {welcome.compression} ({welcome.compress})")
         with StatusReport(self, link, welcome):  # a line now and then, and one at the end
             if not welcome.heartbeat:
                 await link.serve(host)
@@ -434,54 +444,9 @@ class Worker:
                 return True
         return False
 
-    @overload
-    @staticmethod
-    def answer(host: EnvHost, data: Any, parts: Literal[False] = False) -> tuple[bytes, bool]: ...
-
-    @overload
-    @staticmethod
-    def answer(host: EnvHost, data: Any, parts: bool) -> tuple[bytes | tuple, bool]: ...
-
-    @staticmethod
-    def answer(host: EnvHost, data: Any, parts: bool = False) -> tuple[bytes | tuple, bool]:
-        """The reply frame to one request, and whether it was the trainer's close (see :meth:`reply`)."""
-        frame, kind = Worker.reply(host, data, parts)
-        return frame, kind == P.CLOSE
-
-    @overload
-    @staticmethod
-    def reply(host: EnvHost, data: Any, parts: Literal[False] = False) -> tuple[bytes, str | None]: ...
-
-    @overload
-    @staticmethod
-    def reply(host: EnvHost, data: Any, parts: bool) -> tuple[bytes | tuple, str | None]: ...
-
-    @staticmethod
-    def reply(host: EnvHost, data: Any, parts: bool = False) -> tuple[bytes | tuple, str | None]:
-        """The reply frame to one request, and the request's kind (None: malformed).
-
-        ``parts``: a big compact reply may come as its pieces, not joined (see
-        :meth:`ws_gym.compact.StepLayout.encode_reply`), for a writer that
-        sends them as they are."""
-        # a compact step (laid out by the handshake) is answered compact where the result fits
-        layout = host.compact if data[:4] == compact.REQUEST else None
-        try:
-            if layout is not None:
-                rid, actions = layout.decode_request(data)
-                req = codec.Message(P.STEP, rid, {"a": actions})
-            else:
-                req = codec.decode(data)
-        except ProtocolError as exc:
-            log.warning("ignoring a malformed request: %s", exc)
-            return codec.encode(P.ERROR, 0, P.error_body(exc)), None
-        try:
-            body = req.body if req.kind == P.STEP else codec.writable(req.body)
-            result = host.handle(req.kind, body)
-            frame = layout.encode_reply(req.id, result, parts=parts and layout.big) if layout is not None else None
-            frame = frame or codec.encode(P.OK, req.id, result)
-        except Exception as exc:  # the env's error goes back to the trainer
-            frame = codec.encode(P.ERROR, req.id, P.error_body(exc))
-        return frame, req.kind
+    # the reply frame to each request (ws_gym.replies; tests and links call them here)
+    answer = staticmethod(replies.answer)
+    reply = staticmethod(replies.reply)
 
     def _close_envs(self) -> None:
         gc.unfreeze()  # the session's objects may be collected again (a reconnect makes new ones)

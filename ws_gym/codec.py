@@ -25,6 +25,11 @@ or first key, starts with ``$``):
 ``{"$r": "repr", "t": "type"}``  a value with no wire form, sent as its repr
 ==============  =====================================================
 
+Where a connection negotiated compression (:mod:`ws_gym.compression`), a big
+buffer may travel compressed: its spec is then ``[dtype, shape, n]``, ``n``
+being its compressed size; it decompresses to exactly ``dtype`` x ``shape``
+bytes (bounded before anything is allocated) and is read as any other.
+
 Nothing is ever unpickled or evaluated; a malformed frame raises
 :class:`~ws_gym.errors.ProtocolError` and nothing else.
 """
@@ -86,26 +91,46 @@ class Message(NamedTuple):
 # --------------------------------------------------------------------- encode
 
 
-def encode(kind: str, req_id: int, body: Any = None, *, strict: bool = False) -> bytes:
+def encode(kind: str, req_id: int, body: Any = None, *, strict: bool = False, pack: Any = None) -> bytes:
     """Encode one message into a single frame.
 
     With ``strict=False`` a value that has no wire form is sent as its repr
     (tag ``$r``); with ``strict=True`` it raises :class:`EncodeError`.
+    ``pack``: the connection's compressor, where one was negotiated
+    (:class:`ws_gym.compression.Compressor`): it may compress big buffers.
     """
-    arrays: list[np.ndarray] = []
+    arrays: list[Any] = []
     tree = _pack(body, arrays, strict, 0)
-    header = orjson.dumps({"k": kind, "i": req_id, "b": [[a.dtype.str, a.shape] for a in arrays], "d": tree})
+    specs: list[list] = [[a.dtype.str, a.shape] for a in arrays]
+    if pack is not None:
+        arrays = [_compressed(a, spec, pack) for a, spec in zip(arrays, specs)]
+    header = orjson.dumps({"k": kind, "i": req_id, "b": specs, "d": tree})
     pad = -(_LEN.size + len(header)) % _ALIGN
     parts: list[Any] = [_LEN.pack(len(header) + pad), header, _PADS[pad]]
     for arr in arrays:
-        nbytes = arr.nbytes
-        if not nbytes:
-            continue
-        parts.append(array_bytes(arr))
+        if type(arr) is bytes:  # compressed (its spec says so)
+            nbytes = len(arr)
+            parts.append(arr)
+        else:
+            nbytes = arr.nbytes
+            if not nbytes:
+                continue
+            parts.append(array_bytes(arr))
         tail = -nbytes % _ALIGN
         if tail:
             parts.append(_ZEROS[tail])
     return b"".join(parts)
+
+
+def _compressed(arr: np.ndarray, spec: list, pack: Any) -> Any:
+    """A buffer as ``pack`` compresses it (its spec then gets the size), or as it is."""
+    if arr.nbytes < pack.min_size:
+        return arr
+    packed = pack.pack(array_bytes(arr))
+    if packed is None:
+        return arr
+    spec.append(len(packed))
+    return packed
 
 
 def array_bytes(arr: np.ndarray) -> memoryview:
@@ -214,8 +239,11 @@ def _safe_repr(obj: Any, limit: int = 1000) -> str:
 # --------------------------------------------------------------------- decode
 
 
-def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None) -> Message:
-    """Decode one frame. Raises :class:`ProtocolError` on anything malformed."""
+def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None, unzip: Any = None) -> Message:
+    """Decode one frame. Raises :class:`ProtocolError` on anything malformed.
+
+    ``unzip``: the connection's :class:`ws_gym.compression.Decompressor`, where
+    one was negotiated; without it a compressed buffer is malformed."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"expected a binary frame, got {type(frame).__name__}")
     size = len(frame)
@@ -242,7 +270,7 @@ def decode(frame: bytes | bytearray | memoryview, *, max_size: int | None = None
         raise ProtocolError("header field 'i' (request id) must be a non-negative integer")
     if not isinstance(specs, list) or len(specs) > MAX_BUFFERS:
         raise ProtocolError("header field 'b' must be a list of at most %d buffers" % MAX_BUFFERS)
-    arrays = _views(frame, start + hlen, specs)
+    arrays = _views(frame, start + hlen, specs, unzip)
     body = _unpack(header.get("d"), arrays, 0)
     return Message(kind, req_id, body)
 
@@ -268,11 +296,16 @@ def _dtype(dstr: Any, n: int) -> np.dtype:
     return dtype
 
 
-def _views(frame: Any, offset: int, specs: list) -> list[np.ndarray]:
+def _views(frame: Any, offset: int, specs: list, unzip: Any = None) -> list[np.ndarray]:
     size = len(frame)
-    views = []
+    views: list[np.ndarray] = []
+    unpacked = 0  # bytes decompressed so far: at most unzip.limit in all
     for n, spec in enumerate(specs):
         if not (type(spec) is list and len(spec) == 2):
+            if unzip is not None and type(spec) is list and len(spec) == 3:
+                unpacked = _unpacked(frame, offset, spec, n, unzip, unpacked, views)
+                offset += spec[2] + (-spec[2] % _ALIGN)
+                continue
             raise ProtocolError(f"buffer {n}: spec must be [dtype, shape]")
         dstr, shape = spec
         dtype = _dtype(dstr, n)
@@ -302,6 +335,33 @@ def _views(frame: Any, offset: int, specs: list) -> list[np.ndarray]:
     if offset > size:
         raise ProtocolError("the frame ends inside the padding of its last buffer")
     return views
+
+
+def _unpacked(frame: Any, offset: int, spec: list, n: int, unzip: Any, unpacked: int, views: list) -> int:
+    """A compressed buffer, decompressed (bounded) and viewed; the bytes decompressed so far."""
+    dstr, shape, packed = spec
+    dtype = _dtype(dstr, n)
+    if type(shape) is not list or len(shape) > MAX_DIMS or type(packed) is not int or packed < 0:
+        raise ProtocolError(f"buffer {n}: a compressed spec must be [dtype, shape, size]")
+    count = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise ProtocolError(f"buffer {n}: shape {_safe_repr(shape, 200)} has a bad size")
+        count *= dim
+    nbytes = count * dtype.itemsize
+    unpacked += nbytes
+    if unpacked > unzip.limit:  # before anything is allocated
+        raise ProtocolError(f"buffer {n}: compressed buffers claiming {unpacked} bytes, "
+                            f"over the limit of {unzip.limit}")
+    if packed > len(frame) - offset:
+        raise ProtocolError(f"buffer {n}: {packed} compressed bytes, the frame has {max(len(frame) - offset, 0)} left")
+    raw = unzip.unpack(memoryview(frame)[offset : offset + packed], nbytes)
+    try:
+        arr = np.ndarray(tuple(shape), dtype, raw)  # read-only: a view of the decompressed bytes
+    except (ValueError, TypeError):
+        raise ProtocolError(f"buffer {n}: shape {shape!r} is too big") from None
+    views.append(arr)
+    return unpacked
 
 
 def _buffer(node: dict, tag: str, arrays: list) -> np.ndarray:

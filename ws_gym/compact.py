@@ -24,6 +24,16 @@ only then, and a worker answers in kind only to a compact request.
 
 The magics cannot begin a general frame: read as its header length, each is
 over 4 GB, far above any message size limit.
+
+Where the handshake chose a compression codec (:mod:`ws_gym.compression`), a
+reply whose observations the worker compressed is a ``ZREPLY``: the same head,
+then the rewards and flags, then the compressed observations to the end of
+the frame. Their size once decompressed is the layout's, so nothing larger is
+ever allocated: the trainer decompresses them as it decodes the frame (a bad
+one is a malformed frame like any other), and the decompressor's output is
+copied into the step's batch once, as a plain reply's bytes are
+(:meth:`StepLayout.copy_zreply`). Such a connection's codec is a
+:class:`ZStepCodec`; all others keep the plain :class:`StepCodec`, unchanged.
 """
 
 from __future__ import annotations
@@ -41,10 +51,11 @@ from .codec import array_bytes
 from .errors import ProtocolError
 from .spaces import ARRAY_SPACES, schema_to_space
 
-__all__ = ["REQUEST", "REPLY", "StepCodec", "StepLayout", "layout_for"]
+__all__ = ["REQUEST", "REPLY", "ZREPLY", "StepCodec", "ZStepCodec", "StepLayout", "layout_for"]
 
 REQUEST = b"WSs\xf7"
 REPLY = b"WSr\xf7"
+ZREPLY = b"WSz\xf7"  # a reply with compressed observations (negotiated per connection)
 _HEAD = struct.Struct("<4sIQ")  # magic, layout tag, request id
 _SCALARS = struct.Struct("<d??")  # a single env's reward, terminated, truncated
 _F8 = np.dtype("<f8")  # little-endian on the wire, whatever the machine (big-endian ones use the codec)
@@ -91,6 +102,9 @@ class StepLayout:
         n = 1 if single else count
         self.flags_at = self.rew_at + 8 * n
         self.reply_size = self.flags_at + 2 * n
+        self.obs_bytes = obs_bytes
+        self.zflags_at = head + 8 * n  # ZREPLY: rewards, flags, then the compressed observations
+        self.z_at = self.zflags_at + 2 * n
         self._pad = b"\0" * (-obs_bytes % 8)
         self.big = obs_bytes >= 16384  # worth sending in pieces rather than joined (encode_reply)
         text = f"{act_dtype.str}{act_shape}|{obs_dtype.str}{obs_shape}|{count}|{'single' if single else 'vector'}"
@@ -132,13 +146,16 @@ class StepLayout:
 
     # -- worker -> trainer ----------------------------------------------------
 
-    def encode_reply(self, req_id: int, result: Any, *, parts: bool = False) -> bytes | tuple | None:
+    def encode_reply(self, req_id: int, result: Any, *, parts: bool = False,
+                     pack: Any = None) -> bytes | tuple | None:
         """A compact ``ok`` reply to a step, or None when the result does not
         fit the layout exactly (the caller then uses the codec).
 
         ``parts``: the frame's pieces in order, not joined (the observations
         as a view of the result's array), for a writer that sends them as they
-        are: big observations are then not copied once more to be joined."""
+        are: big observations are then not copied once more to be joined.
+        ``pack``: the connection's compressor (:class:`ws_gym.compression.Compressor`)
+        where one was negotiated: a ``ZREPLY`` when it compresses the observations."""
         if type(result) is not dict:
             return None
         obs = result.get("o")
@@ -164,6 +181,10 @@ class StepLayout:
                 if type(arr) is not np.ndarray or arr.dtype != dtype or arr.shape != n:
                     return None
             tail = b"".join((array_bytes(r), array_bytes(t), array_bytes(u)))
+        if pack is not None:
+            packed = pack.pack(array_bytes(obs))
+            if packed is not None:
+                return b"".join((_HEAD.pack(ZREPLY, self.tag, req_id), tail, packed))
         pieces = (_HEAD.pack(REPLY, self.tag, req_id), array_bytes(obs), self._pad, tail)
         return pieces if parts else b"".join(pieces)
 
@@ -212,6 +233,47 @@ class StepLayout:
         obs[o : o + size] = src[head : head + size]
         rewards[8 * row : 8 * (row + n)] = src[self.rew_at : self.flags_at]
         f = self.flags_at
+        terminated[row : row + n] = src[f : f + n]
+        truncated[row : row + n] = src[f + n : f + 2 * n]
+
+    # -- compressed replies (ZREPLY) -------------------------------------------
+
+    def zreply(self, frame: bytes | bytearray | memoryview, unzip: Any) -> tuple[int, bytes]:
+        """The request id of a ``ZREPLY`` and its observations' bytes, once all
+        of it is checked and decompressed (exactly the layout's size, bounded)."""
+        size = len(frame)
+        if size <= self.z_at:
+            raise ProtocolError(f"a compressed step reply of {size} bytes; this layout needs over {self.z_at}")
+        got, tag, req_id = _HEAD.unpack_from(frame, 0)
+        if got != ZREPLY or tag != self.tag:
+            raise ProtocolError(f"a compressed step reply for another layout (tag {tag:#010x}, "
+                                f"expected {self.tag:#010x})")
+        if bytes(frame[self.zflags_at : self.z_at]).translate(None, b"\0\1"):
+            raise ProtocolError("a compact step reply has a flag byte other than 0 or 1")
+        return req_id, unzip.unpack(memoryview(frame)[self.z_at :], self.obs_bytes)
+
+    def zreply_body(self, frame: Any, raw: bytes) -> dict:
+        """A ``ZREPLY``'s body (``raw``: its observations, decompressed), as
+        :meth:`reply_body` gives a plain one's."""
+        obs = _view(raw, self.obs_dtype, self.obs_count, 0).reshape(self.obs_shape)
+        if self.single:
+            r, t, u = _SCALARS.unpack_from(frame, _HEAD.size)
+            return {"o": obs, "r": r, "t": t, "u": u, "info": {}}
+        n = self.count
+        r = _view(frame, _F8, n, _HEAD.size)
+        flags = _view(frame, _B1, 2 * n, self.zflags_at)
+        return {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
+
+    def copy_zreply(self, frame: Any, raw: bytes, views: tuple[memoryview, ...], row: int) -> None:
+        """:meth:`copy_reply` for a ``ZREPLY``: the decompressor's output
+        (``raw``) is copied into the batch's rows once, as a plain reply's bytes are."""
+        obs, rewards, terminated, truncated = views
+        src = memoryview(frame)
+        n, size = self.count, self.obs_bytes
+        o = row * (size // n)
+        obs[o : o + size] = raw
+        rewards[8 * row : 8 * (row + n)] = src[_HEAD.size : self.zflags_at]
+        f = self.zflags_at
         terminated[row : row + n] = src[f : f + n]
         truncated[row : row + n] = src[f + n : f + 2 * n]
 
@@ -276,6 +338,45 @@ class StepCodec:
         :meth:`StepLayout.copy_reply`)."""
         assert self.layout is not None
         self.layout.copy_reply(frame, views, row)
+
+
+class ZStepCodec(StepCodec):
+    """A :class:`StepCodec` for a connection that negotiated compression: it
+    also reads ``ZREPLY`` frames and compressed buffers of general frames,
+    with ``unzip`` (a :class:`ws_gym.compression.Decompressor`) and its bounds.
+    A ``ZREPLY`` is decompressed as it is decoded (so a bad one is a malformed
+    frame, as any other), and comes as ``(frame, observation bytes)``."""
+
+    __slots__ = ("unzip",)
+
+    def __init__(self, layout: "StepLayout | None", unzip: Any) -> None:
+        super().__init__(layout)
+        self.unzip = unzip
+
+    def decode(self, data: Any) -> tuple[int, str, Any, bool]:
+        layout = self.layout
+        if layout is not None:
+            magic = data[:4]
+            if magic == REPLY:
+                return layout.reply_id(data), P.OK, data, True
+            if magic == ZREPLY:
+                rid, raw = layout.zreply(data, self.unzip)
+                return rid, P.OK, (data, raw), True
+        reply = codec.decode(data, unzip=self.unzip)
+        return reply.id, reply.kind, reply.body, False
+
+    def reply_body(self, frame: Any) -> dict:
+        assert self.layout is not None
+        if type(frame) is tuple:
+            return self.layout.zreply_body(*frame)
+        return self.layout.reply_body(frame)
+
+    def copy_reply(self, frame: Any, views: tuple[memoryview, ...], row: int) -> None:
+        assert self.layout is not None
+        if type(frame) is tuple:
+            self.layout.copy_zreply(frame[0], frame[1], views, row)
+        else:
+            self.layout.copy_reply(frame, views, row)
 
 
 def _bytes(arr: np.ndarray) -> memoryview:

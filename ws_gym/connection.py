@@ -41,6 +41,8 @@ class WorkerConn:
     fresh: bool = True  # its envs not reset since it joined (the caller's thread)
     pending: dict = field(default_factory=dict)  # request id -> (call, index) owed (see calls.py)
     codec: StepCodec = field(default_factory=StepCodec)  # how its requests and replies are framed
+    compression: str = "none"  # the codec its observations may travel in (ws_gym.compression)
+    compress_auto: bool = False  # ... only while the worker finds it pays ("auto")
     transport: Any = None  # to cut a silent worker off at once
     wire: FrameConnection | None = None  # the connection's frames, once admitted
     aiohttp_protocol: Any = None  # aiohttp's protocol for the transport, handed back at the end

@@ -29,6 +29,7 @@ from . import protocol as P
 from .config import check_vectorization
 from .errors import ProtocolError
 from .host_async import RecordingAsyncVectorEnv, make_recording_async, terminate
+from .compression import Compressor
 from .metadata import jsonable_metadata
 from .spaces import ARRAY_SPACES, space_to_schema
 
@@ -113,6 +114,7 @@ class EnvHost:
     """Creates the envs a welcome asks for and answers requests for them."""
 
     compact: compact.StepLayout | None = None  # the compact step frames' layout, where the spaces allow
+    zip: Compressor | None = None  # this connection's compression, where the handshake chose one
     env: gym.Env  # single mode: the one env
     venv: _RecordingSyncVectorEnv | RecordingAsyncVectorEnv  # vector mode: the envs
 

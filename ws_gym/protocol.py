@@ -7,11 +7,13 @@ wrong, so the I/O layers only move bytes.
 
 Handshake (worker dials the trainer)::
 
-    worker  -> hello    {protocol, env_id | null, num_envs, name, worker_id?}
+    worker  -> hello    {protocol, env_id | null, num_envs, name, worker_id?,
+                         compression?}
     trainer -> welcome  {env_id, env_kwargs, num_envs, first_index, mode,
                          autoreset_mode, max_episode_steps,
                          record_episode_statistics, heartbeat,
-                         worker_id}                  | refuse {reason, retry?}
+                         worker_id, compression?, compress?}
+                                                     | refuse {reason, retry?}
     worker  -> ready    {observation_space, action_space, render_mode, metadata,
                          compact?}                               | error {...}
     trainer -> accept   {}                                       | refuse {reason}
@@ -21,6 +23,9 @@ Then the trainer sends requests (``reset``, ``step``, ``render``, ``call``,
 exactly one ``ok`` or ``error`` carrying the same id. A worker whose ready
 says ``compact: true`` also takes ``step`` requests as compact frames and
 answers them in kind where the result fits (see :mod:`ws_gym.compact`).
+A hello's ``compression`` lists the codecs the worker offers; the welcome's
+names the one the trainer chose for this connection, and ``compress`` when to
+use it (``"auto"`` or ``"always"``; see :mod:`ws_gym.compression`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ AUTORESET_MODES = ("NextStep", "SameStep", "Disabled")  # gymnasium AutoresetMod
 MAX_NAME = 200
 MAX_ENVS_PER_WORKER = 4096
 MAX_WORKER_ID = 64
+COMPRESS_WHEN = ("auto", "always")  # the welcome's "compress"
+MAX_OFFERED = 8  # codec names in a hello (unknown names are ignored)
 
 
 def _field(body: Any, key: str, types: tuple, what: str, *, optional: bool = False) -> Any:
@@ -108,12 +115,16 @@ class Hello:
     # dials in again after a dropped link presents it, so the trainer can
     # replace the stale connection at once
     worker_id: str | None = None
+    compression: tuple[str, ...] = ()  # the codecs it offers (ws_gym.compression); () from an older worker
 
 
-def make_hello(env_id: str | None, num_envs: int, name: str, worker_id: str | None = None) -> dict:
-    body = {"protocol": PROTOCOL_VERSION, "env_id": env_id, "num_envs": num_envs, "name": name}
+def make_hello(env_id: str | None, num_envs: int, name: str, worker_id: str | None = None,
+               compression: list[str] | None = None) -> dict:
+    body: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "env_id": env_id, "num_envs": num_envs, "name": name}
     if worker_id is not None:
         body["worker_id"] = worker_id
+    if compression:
+        body["compression"] = list(compression)
     return body
 
 
@@ -132,7 +143,10 @@ def parse_hello(body: Any) -> Hello:
         raise ProtocolError(f"hello: num_envs must be between 1 and {MAX_ENVS_PER_WORKER}")
     name = _field(body, "name", (str,), "hello", optional=True) or "?"
     worker_id = _worker_id(_field(body, "worker_id", (str,), "hello", optional=True), "hello")
-    return Hello(version, env_id, num_envs, name[:MAX_NAME], worker_id)
+    offered = _field(body, "compression", (list,), "hello", optional=True) or []
+    if len(offered) > MAX_OFFERED or not all(type(c) is str and len(c) <= 16 for c in offered):
+        raise ProtocolError(f"hello: compression must list at most {MAX_OFFERED} codec names")
+    return Hello(version, env_id, num_envs, name[:MAX_NAME], worker_id, tuple(offered))
 
 
 @dataclass(frozen=True)
@@ -147,10 +161,12 @@ class Welcome:
     record_episode_statistics: bool = False
     heartbeat: float | None = None  # the trainer's heartbeat (see ws_gym.liveness)
     worker_id: str | None = None  # presented again in the hello of a reconnect
+    compression: str | None = None  # the codec chosen for this connection's observations (None: plain)
+    compress: str = "always"  # with a codec: "auto" (while it pays) or "always"
 
 
 def make_welcome(w: Welcome) -> dict:
-    return {
+    body: dict[str, Any] = {
         "env_id": w.env_id,
         "env_kwargs": w.env_kwargs,
         "num_envs": w.num_envs,
@@ -162,6 +178,10 @@ def make_welcome(w: Welcome) -> dict:
         "heartbeat": w.heartbeat,
         "worker_id": w.worker_id,
     }
+    if w.compression is not None:  # absent: plain frames (what an older trainer's welcome means too)
+        body["compression"] = w.compression
+        body["compress"] = w.compress
+    return body
 
 
 def parse_welcome(body: Any) -> Welcome:
@@ -188,8 +208,13 @@ def parse_welcome(body: Any) -> Welcome:
         raise ProtocolError(f"welcome: unknown autoreset_mode {autoreset[:50]!r}")
     if mode == MODE_SINGLE and num_envs != 1:
         raise ProtocolError("welcome: single mode hosts exactly one env")
+    compression = _field(body, "compression", (str,), "welcome", optional=True)
+    compress = _field(body, "compress", (str,), "welcome", optional=True) or "always"
+    if compress not in COMPRESS_WHEN:
+        raise ProtocolError(f"welcome: unknown compress {compress[:50]!r}")
     return Welcome(env_id, env_kwargs, num_envs, first, mode, autoreset, steps, stats,
-                   None if heartbeat is None else float(heartbeat), worker_id)
+                   None if heartbeat is None else float(heartbeat), worker_id,
+                   None if compression is None else compression[:50], compress)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from aiohttp import web
 from . import codec, loops
 from . import frames as F
 from . import protocol as P
-from .addresses import WS_PATH, format_url, loopback_for
+from .addresses import WS_PATH, format_url, is_loopback, loopback_for
 from .admission import Admission, Expectation
 from .calls import CallBook
 from .config import DEFAULT_MAX_MSG_SIZE, Transport
@@ -75,6 +75,7 @@ class Server:
         listen: bool = True,
         stats: Stats | None = None,
         dashboard_port: int | None = None,
+        compression: str = "auto",
     ) -> None:
         self.num_envs = num_envs
         self.host = host
@@ -94,7 +95,8 @@ class Server:
         self._busy_rejected = 0  # 503s not logged yet (logged at most once a second)
         self._busy_logged_at = float("-inf")
         self.table = SlotTable(num_envs)  # which worker serves which envs
-        self.admission = Admission(self.table, expect, heartbeat=heartbeat, compact=transport.compact)
+        self.admission = Admission(self.table, expect, heartbeat=heartbeat, compact=transport.compact,
+                                   compression=compression, max_msg_size=max_msg_size)
         self._direct = transport.direct  # caller-thread writes (see wire.py)
         self._loop = loops.new_event_loop(transport.uvloop)
         # seconds a waiting caller reads its replies itself before it sleeps (0: the loop reads)
@@ -221,7 +223,8 @@ class Server:
         try:
             await ws.prepare(request)
             try:
-                conn = await self._handshake(ws, peer, request.transport)
+                local = client is None and _on_this_machine(request.transport)
+                conn = await self._handshake(ws, peer, request.transport, local)
                 if conn is not None:
                     conn.last_rx = self._loop.time()
             finally:
@@ -277,7 +280,8 @@ class Server:
             except (ConnectionError, RuntimeError):
                 pass
 
-    async def _handshake(self, ws: web.WebSocketResponse, peer: str, transport: Any) -> WorkerConn | None:
+    async def _handshake(self, ws: web.WebSocketResponse, peer: str, transport: Any,
+                         local: bool = False) -> WorkerConn | None:
         msg = await receive_message(ws, self.handshake_timeout, "during the handshake")
         if msg.kind != P.HELLO:
             raise ProtocolError(f"the first message must be hello, got {msg.kind!r}")
@@ -285,7 +289,7 @@ class Server:
         stale = self.admission.stale(hello)
         if stale is not None:  # its link died and we have not noticed yet: the worker knows better
             self.drop(stale, "dialed in again: its old connection was dead", cut_off=True)
-        conn = self.admission.admit(hello, peer)
+        conn = self.admission.admit(hello, peer, local)
         conn.ws, conn.transport = ws, transport
         try:
             welcome = self.admission.welcome(conn)
@@ -319,7 +323,8 @@ class Server:
         conn.wire.send(codec.encode(P.ACCEPT, 0, {}))
         self.dashboard.stats.joined(conn)
         self.table.activate(conn)
-        log.info("%s joined (%d envs)", conn.origin, conn.count)
+        log.info("%s joined (%d envs%s)", conn.origin, conn.count, "" if conn.compression == "none" else
+                 f"; observations compressed with {conn.compression}{' while it pays' if conn.compress_auto else ''}")
         return conn
 
     def drop(self, conn: WorkerConn, why: str = "disconnected", *, cut_off: bool = False) -> None:
@@ -440,3 +445,15 @@ class Server:
             self._thread.join(timeout=5)
         if not self._thread.is_alive() and not self._loop.is_closed():
             self._loop.close()
+
+
+def _on_this_machine(transport: Any) -> bool:
+    """Whether a connection comes from this machine: a Unix socket or a loopback peer."""
+    if transport is None:
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == getattr(socket, "AF_UNIX", None):
+        return True
+    peer = transport.get_extra_info("peername")
+    host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+    return is_loopback(host.removeprefix("::ffff:"))

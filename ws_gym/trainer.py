@@ -191,6 +191,7 @@ class Trainer:
                 unix_path=None if self._unix_dir is None else os.path.join(self._unix_dir, "trainer.sock"),
                 busy_poll=CALLER_POLL if self.busy_poll else 0.0,
                 stats=Stats(self.run_stats, describe=self._describe), dashboard_port=config.dashboard_port,
+                compression=config.compression,
             )
         except BaseException:
             if self._unix_dir is not None:

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-timeout", type=float, default=None,
                    help="give up after this many seconds without a trainer (default: retry forever)")
     p.add_argument("--max-msg-size", type=int, default=DEFAULT_MAX_MSG, help="largest message accepted, in bytes")
+    p.add_argument("--compression", choices=("auto", "none", "lz4", "zstd"), default="auto",
+                   help="the codecs offered for compressing observations; the trainer chooses (auto: all "
+                        "installed; lz4 and zstd need pip install ws_gym[compress]; default auto)")
     p.add_argument("--name", default=None, help="name shown in the trainer's logs (default host:pid)")
     p.add_argument("--unix-socket", default=None, help=argparse.SUPPRESS)  # local workers (POSIX)
     p.add_argument("--busy-poll", type=float, default=0.0, metavar="US",
@@ -187,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             busy_poll=args.busy_poll / 1e6,
             proxy=args.proxy,
             status_interval=0.0 if args.quiet else args.status_interval,
+            compression=args.compression,
         )
-    except (ValueError, OSError) as exc:  # TLS options, unreadable --cafile, an unusable proxy URL
+    except (ValueError, OSError, ImportError) as exc:  # TLS options, --cafile, a proxy URL, a codec not installed
         print(f"ws_gym.worker: {exc}", file=sys.stderr)
         return 1
     try:

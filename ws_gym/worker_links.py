@@ -5,7 +5,7 @@ requests until the session ends. :class:`WireLink` takes the connection's
 transport over from aiohttp and answers each request inside ``data_received``
 (:class:`~ws_gym.wire.FrameConnection`), the fast path; :class:`AiohttpLink`
 stays on aiohttp's message API, where the transport is not reachable. The
-replies themselves come from :meth:`ws_gym.client.Worker.reply`; a link counts
+replies themselves come from :func:`ws_gym.replies.reply`; a link counts
 the step requests it answers (``steps``) and passes on the pongs to its own
 pings (``ping``, ``on_pong``) for :mod:`ws_gym.worker_status`.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 
-from . import codec
+from . import codec, replies
 from . import frames as F
 from . import protocol as P
 from .config import Transport
@@ -159,7 +159,7 @@ class WireLink:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
             return
-        frame, kind = worker.reply(self._host, data, self._parts)
+        frame, kind = replies.reply(self._host, data, self._parts)
         self.wire.send(frame)
         worker._last_rx = self.loop.time()  # a long step is not silence
         if kind == P.STEP:
