@@ -15,20 +15,24 @@ measures how close ws_gym comes to that bound:
 * RTT 0 (the link adds no delay: the figure alone, no bound), 10, 40 and
   100 ms.
 
-A second group of cases, ``frames``, measures compressed observations
+A second group, ``frames``, measures compressed observations
 (``compression=``): ``ws_gym/CartPolePixels-v0`` (CartPole drawn into 84x84
 grayscale frames, the last 4 stacked: 84x84x4 uint8, 28 kB an env-step), 32
-envs over 2 workers, each worker's link at 40 ms RTT and 20 Mbit/s each way,
-``compression="auto"`` against ``"none"``. Plain frames cannot beat the link's
-bandwidth: the bound is (2 links x 20 Mbit/s) / (bytes an env-step sends
-plain); the goal is auto at least 3x none (medians). ``"auto"`` never
-compresses on loopback, and the links are on this machine, so in this group
-the trainer listens on, and the links run between, a non-loopback address of
-this machine (e.g. eth0's): the trainer then sees its workers' connections
-come from that address and decides as for another PC (the kernel still
-carries the bytes over its loopback device; the link imposes the delay and
-the rate). Where the machine has no such address, the run says so and
-measures ``compression="zstd"`` (explicit: every connection) instead.
+envs over 2 workers, each worker's link at 40 ms RTT and 20 Mbit/s each way.
+Plain frames cannot beat the links' bandwidth: the bound is (2 links x 20
+Mbit/s) / (bytes an env-step sends plain); the goal is compression at least
+3x none (medians). ``compression="auto"`` never compresses on loopback, and
+these links are on 127.0.0.1: here the compressed case names the codec auto
+picks on another machine's connection (zstd, else lz4) explicitly. With
+``--netns`` (root), the links run between network namespaces, which are not
+loopback, and the case is ``"auto"`` itself.
+
+A third group, ``uneven``, measures partial batches: 2 workers of 8
+``CartPole-v1`` envs, one at 10 ms RTT and one at 80 ms, stepped with
+``step()`` (every step waits for the slower worker: bound 16 / 80 ms) and
+with ``send``/``recv`` and ``batch_size=8`` (each worker's envs come back
+on their own: bound 8 / 10 ms + 8 / 80 ms). The goal: ``recv`` at least 3x
+``step``.
 
 Each case is built (fresh links and workers), its first reset waits for the
 workers, it is stepped for ``--warmup`` seconds untimed, then for ``--seconds``
@@ -46,6 +50,7 @@ that lateness adds to every round trip (twice, once per direction).
     python benchmarks/network.py --quick         # smoke test: 8 envs at 0 and 10 ms, frames 8 envs, seconds
     python benchmarks/network.py --rtt 40 --envs 64 --json network.json
     python benchmarks/network.py --group frames  # compressed observations only
+    python benchmarks/network.py --group uneven  # partial batches only
 """
 
 from __future__ import annotations
@@ -57,7 +62,6 @@ import logging
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -76,7 +80,6 @@ for path in (ROOT, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))  # ws_gym from this checkout, and netlink beside this file
 
-import netlink  # noqa: E402
 import ws_gym  # noqa: E402  (registers ws_gym/Remote-v0)
 from ws_gym.compression import available as available_codecs  # noqa: E402
 from netlink import Link  # noqa: E402
@@ -98,7 +101,10 @@ FRAMES_RTT_MS = 40
 FRAMES_RATE_MBIT = 20.0  # per worker link, each way
 FRAMES_GOAL = 3.0  # auto / none, medians
 FRAMES_STEP_BYTES = 84 * 84 * 4 + 8 + 2  # an env-step's plain reply: observation, reward, 2 flags
-GROUPS = ("cartpole", "frames")
+UNEVEN_RTTS_MS = (10.0, 80.0)  # one worker at each
+UNEVEN_ENVS_EACH = 8
+UNEVEN_GOAL = 3.0  # recv / step, medians
+GROUPS = ("cartpole", "frames", "uneven")
 
 
 def parse_args() -> argparse.Namespace:
@@ -111,7 +117,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for reset() and the pre-sampled actions (default 0)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results to PATH as JSON")
     p.add_argument("--group", choices=GROUPS, nargs="+", default=list(GROUPS),
-                   help="which cases: cartpole (num_envs / RTT), frames (compression); default both")
+                   help="which cases: cartpole (num_envs / RTT), frames (compression), uneven (partial batches); "
+                        "default all")
     p.add_argument("--frames-envs", type=int, default=FRAMES_ENVS, help=f"frames: num_envs (default {FRAMES_ENVS})")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 8 envs at RTT 0 and 10 ms, frames with 8 envs, 1 s timed, 1 repetition")
@@ -131,7 +138,7 @@ def parse_args() -> argparse.Namespace:
 @dataclass
 class Run:
     env_steps_per_s: float
-    vector_steps: int
+    vector_steps: int  # step() calls, or recv() calls
     seconds: float
     setup_s: float
     late_mean_ms: float  # the links' deliveries after their deadline
@@ -150,19 +157,33 @@ class Case:
     env_id: str = ENV_ID
     rate_mbit: float | None = None  # per worker link, each way (None: no limit)
     compression: str = "auto"
-    address: str = LOOPBACK  # where the trainer listens and the links run
+    worker_rtts: tuple[float, ...] = ()  # one RTT per worker's link (default: rtt_ms for each)
+    batch_size: int | None = None  # send()/recv() with this batch_size (None: step())
     runs: list[Run] = field(default_factory=list)
+
+    @property
+    def rtts(self) -> tuple[float, ...]:
+        return self.worker_rtts or (self.rtt_ms,) * WORKERS
 
     @property
     def name(self) -> str:
         if self.group == "frames":
             return f"frames {self.num_envs} envs, {self.compression}"
+        if self.group == "uneven":
+            return f"uneven {self.num_envs} envs, {'recv' if self.batch_size else 'step'}"
         return f"{self.num_envs} envs, RTT {self.rtt_ms:g} ms"
 
     @property
     def bound(self) -> float | None:
         """The most env-steps/s plain frames can make: num_envs / RTT, and with a
-        rate, the links' bandwidth / the bytes an env-step sends plain."""
+        rate, the links' bandwidth / the bytes an env-step sends plain. Uneven
+        links: step() waits for the slowest; recv() takes each worker's envs as
+        they come."""
+        if self.worker_rtts:
+            each = self.num_envs / len(self.worker_rtts)
+            if self.batch_size:
+                return sum(each / (rtt / 1000) for rtt in self.worker_rtts)
+            return self.num_envs / (max(self.worker_rtts) / 1000)
         bounds = []
         if self.rtt_ms > 0:
             bounds.append(self.num_envs / (self.rtt_ms / 1000))
@@ -181,18 +202,18 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
     """Build, start links and workers, reset, warm up, step ``args.seconds``, close (always)."""
     t0 = time.perf_counter()
     envs = gym.make_vec("ws_gym/Remote-v0", num_envs=case.num_envs, env_id=case.env_id, port=0,
-                        host=case.address, connect_timeout=CONNECT_TIMEOUT, compression=case.compression)
+                        connect_timeout=CONNECT_TIMEOUT, compression=case.compression, batch_size=case.batch_size)
+    remote = envs.unwrapped
     links: list[Link] = []
     workers: list[tuple[subprocess.Popen, IO[bytes]]] = []
-    netlink.HOST = case.address  # the links listen there and dial the trainer there (reset below)
     try:
-        url, token = envs.unwrapped.url, envs.unwrapped.token
-        prefix = f"ws://{case.address}:"
+        url, token = remote.url, remote.token
+        prefix = f"ws://{LOOPBACK}:"
         assert url.startswith(prefix), url
         port_text, _, path = url[len(prefix):].partition("/")
         env = child_env(WS_GYM_TOKEN=token) if token else child_env()
-        for _ in range(WORKERS):
-            link = Link(int(port_text), delay_ms=case.rtt_ms / 2, rate_mbit=case.rate_mbit)
+        for rtt in case.rtts:
+            link = Link(int(port_text), delay_ms=rtt / 2, rate_mbit=case.rate_mbit)
             links.append(link)
             link.start()
             log = tempfile.TemporaryFile()
@@ -208,20 +229,17 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
                 print(f"worker {proc.pid} (exit code {proc.poll()}):\n{tail}", file=sys.stderr)
             raise
         setup = time.perf_counter() - t0
-        envs.action_space.seed(args.seed)
-        actions = [envs.action_space.sample() for _ in range(ACTION_POOL)]
-        i = 0
+        advance = stepper(remote, case, args.seed)
         end = time.perf_counter() + args.warmup
         while time.perf_counter() < end:
-            envs.step(actions[i % ACTION_POOL])
-            i += 1
+            advance()
         late_before = [link.lateness() for link in links]
-        steps = 0
+        steps = env_steps = 0
         start = time.perf_counter()
         end = start + args.seconds
         now = start
         while now < end:
-            envs.step(actions[(i + steps) % ACTION_POOL])
+            env_steps += advance()
             steps += 1
             now = time.perf_counter()
         elapsed = now - start
@@ -234,13 +252,12 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
             log.close()
         for link in links:
             link.close()
-        netlink.HOST = LOOPBACK
 
     # the links' lateness over the timed steps only: from the running (count, mean, max)
     count = sum(a[0] - b[0] for a, b in zip(late_after, late_before))
     total = sum(a[0] * a[1] - b[0] * b[1] for a, b in zip(late_after, late_before))
     return Run(
-        env_steps_per_s=steps * case.num_envs / elapsed,
+        env_steps_per_s=env_steps / elapsed,
         vector_steps=steps,
         seconds=elapsed,
         setup_s=setup,
@@ -249,6 +266,28 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
         compressed=compressed,
         wire_ratio=wire_ratio,
     )
+
+
+def stepper(remote: Any, case: Case, seed: int) -> Callable[[], int]:
+    """One call that steps (``step()``, or ``recv()`` then ``send()``) with pre-sampled
+    actions; it returns how many env results it got."""
+    n = case.batch_size or case.num_envs
+    space = gym.vector.utils.batch_space(remote.single_action_space, n)
+    space.seed(seed)
+    actions = [space.sample() for _ in range(ACTION_POOL)]
+    count = iter(range(1 << 62))
+    if case.batch_size is None:
+        def step() -> int:
+            remote.step(actions[next(count) % ACTION_POOL])
+            return n
+        return step
+    remote.async_reset(seed=seed)
+
+    def recv_send() -> int:
+        _, _, _, _, _, env_ids = remote.recv()
+        remote.send(actions[next(count) % ACTION_POOL], env_ids)
+        return n
+    return recv_send
 
 
 def compression_seen(envs: Any) -> tuple[str, float]:
@@ -261,30 +300,6 @@ def compression_seen(envs: Any) -> tuple[str, float]:
     return "+".join(names), (sum(u.raw_bytes for u in unzips) / wire if wire else 0.0)
 
 
-def non_loopback_address() -> str | None:
-    """An IPv4 address of this machine other than loopback (eth0's, say), or None."""
-    candidates = []
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
-            candidates.append(s.getsockname()[0])
-    except OSError:
-        pass
-    try:
-        candidates += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
-    except OSError:
-        pass
-    for address in candidates:
-        if not address.startswith("127.") and address != "0.0.0.0":
-            try:
-                with socket.socket() as probe:
-                    probe.bind((address, 0))  # really this machine's
-                return address
-            except OSError:
-                continue
-    return None
-
-
 # ---------------------------------------------------------------------------- the case groups
 
 def cartpole_cases(args: argparse.Namespace) -> list[Case]:
@@ -292,11 +307,17 @@ def cartpole_cases(args: argparse.Namespace) -> list[Case]:
 
 
 def frames_cases(args: argparse.Namespace) -> list[Case]:
-    address = non_loopback_address()
+    """none against the codec auto picks on another machine's connection, named
+    explicitly: on these loopback links auto itself stays off."""
     codecs = available_codecs()
-    auto = "auto" if address is not None or not codecs else codecs[0]
-    return [Case(args.frames_envs, FRAMES_RTT_MS, "frames", FRAMES_ENV, FRAMES_RATE_MBIT, compression,
-                 address or LOOPBACK) for compression in ("none", auto)]
+    return [Case(args.frames_envs, FRAMES_RTT_MS, "frames", FRAMES_ENV, FRAMES_RATE_MBIT, compression)
+            for compression in ("none", *codecs[:1])]
+
+
+def uneven_cases(args: argparse.Namespace) -> list[Case]:
+    n = UNEVEN_ENVS_EACH * len(UNEVEN_RTTS_MS)
+    return [Case(n, max(UNEVEN_RTTS_MS), "uneven", worker_rtts=UNEVEN_RTTS_MS, batch_size=batch)
+            for batch in (None, UNEVEN_ENVS_EACH)]
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -349,15 +370,38 @@ def frames_verdict(cases: list[Case]) -> tuple[bool | None, str]:
     if not none or not other:
         return None, f"verdict: not measured in this run ({goal_text})"
     speedup = other[0].median("env_steps_per_s") / none[0].median("env_steps_per_s")
-    if other[0].compression != "auto":
-        return None, (f"verdict: {other[0].compression} (explicit, no non-loopback address here) is "
-                      f"{speedup:.2f}x none; auto was not measured ({goal_text})")
+    what = other[0].compression if other[0].compression == "auto" else f"{other[0].compression} (what auto picks)"
     if other[0].runs[-1].compressed == "none":
-        return None, f"verdict: auto chose no codec (none installed?) ({goal_text})"
+        return None, f"verdict: {other[0].compression} compressed nothing ({goal_text})"
     if other[0].num_envs != FRAMES_ENVS:
-        return None, f"verdict: not judged with {other[0].num_envs} envs: auto is {speedup:.2f}x none ({goal_text})"
+        return None, f"verdict: not judged with {other[0].num_envs} envs: {what} is {speedup:.2f}x none ({goal_text})"
     met = speedup >= FRAMES_GOAL
-    return met, f"verdict: goal {'met' if met else 'NOT met'}: auto is {speedup:.2f}x none ({goal_text})"
+    return met, f"verdict: goal {'met' if met else 'NOT met'}: {what} is {speedup:.2f}x none ({goal_text})"
+
+
+def format_uneven(cases: list[Case]) -> str:
+    header = f"{'API':>4}  {'batch':>5}  {'env-steps/s':>11}  {'bound':>6}  {'ratio':>6}  repetitions (env-steps/s)"
+    lines = [header, "-" * len(header)]
+    for case in cases:
+        bound, ratio = case.bound, case.ratio()
+        reps = ", ".join(f"{r.env_steps_per_s:,.0f}" for r in case.runs)
+        lines.append(
+            f"{'recv' if case.batch_size else 'step':>4}  {case.batch_size or case.num_envs:>5}  "
+            f"{case.median('env_steps_per_s'):>11,.0f}  {f'{bound:,.0f}' if bound else '-':>6}  "
+            f"{f'{ratio:.2f}x' if ratio else '-':>6}  {reps}")
+    return "\n".join(lines)
+
+
+def uneven_verdict(cases: list[Case]) -> tuple[bool | None, str]:
+    goal_text = (f"goal: send/recv >= {UNEVEN_GOAL:g}x step() with workers at "
+                 f"{' and '.join(f'{r:g}' for r in UNEVEN_RTTS_MS)} ms RTT")
+    step = [c for c in cases if not c.batch_size]
+    recv = [c for c in cases if c.batch_size]
+    if not step or not recv:
+        return None, f"verdict: not measured in this run ({goal_text})"
+    speedup = recv[0].median("env_steps_per_s") / step[0].median("env_steps_per_s")
+    met = speedup >= UNEVEN_GOAL
+    return met, f"verdict: goal {'met' if met else 'NOT met'}: send/recv is {speedup:.2f}x step() ({goal_text})"
 
 
 def verdict(cases: list[Case]) -> tuple[bool | None, str]:
@@ -402,21 +446,19 @@ def main() -> int:
                    f"{FRAMES_RATE_MBIT:g} Mbit/s per worker link; bound = min(num_envs / RTT, {WORKERS} links' "
                    f"bandwidth / {FRAMES_STEP_BYTES} bytes an env-step sends plain); chosen = the codec the "
                    "trainer chose; wire ratio = observation bytes / compressed bytes"),
+        "uneven": (uneven_cases, format_uneven, uneven_verdict,
+                   f"{ENV_ID}, 2 workers of {UNEVEN_ENVS_EACH} envs at "
+                   f"{' and '.join(f'{r:g}' for r in UNEVEN_RTTS_MS)} ms RTT; bound = num_envs / the slowest RTT "
+                   "for step(), the sum of each worker's envs / its RTT for recv()"),
     }
     chosen = {g: groups[g][0](args) for g in args.group}
     if "frames" in chosen:
-        address = chosen["frames"][0].address
-        if not available_codecs():
-            print("frames: neither lz4 nor zstandard is installed (pip install ws_gym[compress]): "
-                  "compression='auto' means none here")
-        print("frames: " + (f"the trainer listens on {address} and the links run between {address} and "
-                            f"{address}: a non-loopback address of this machine, so the trainer treats the "
-                            "workers as remote (compression='auto' applies); the kernel still carries the "
-                            "bytes over loopback, the links impose the delay and rate"
-                            if address != LOOPBACK else
-                            "no non-loopback address on this machine: compression='auto' would stay off on "
-                            f"loopback, so the compressed case is compression={chosen['frames'][1].compression!r} "
-                            "(explicit)"))
+        compressed = [c.compression for c in chosen["frames"] if c.compression != "none"]
+        print("frames: " + (f"compression='auto' never compresses on loopback, and these links are on {LOOPBACK}: "
+                            f"the compressed case is {compressed[0]!r}, the codec auto picks on another "
+                            "machine's connection, named explicitly" if compressed else
+                            "neither lz4 nor zstandard is installed (pip install ws_gym[compress]): only "
+                            "compression='none' is measured"))
     print()
 
     children = Children()
@@ -460,7 +502,8 @@ def main() -> int:
                 "config": {"seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
                            "seed": args.seed, "workers": WORKERS, "env_id": ENV_ID},
                 "cases": [{"group": c.group, "env_id": c.env_id, "num_envs": c.num_envs, "rtt_ms": c.rtt_ms,
-                           "rate_mbit": c.rate_mbit, "compression": c.compression, "address": c.address,
+                           "rate_mbit": c.rate_mbit, "compression": c.compression,
+                           "worker_rtts_ms": list(c.rtts), "batch_size": c.batch_size,
                            "bound": c.bound, "ratio": c.ratio(),
                            "median_env_steps_per_s": c.median("env_steps_per_s"),
                            "runs": [asdict(r) for r in c.runs]} for c in cases],
@@ -469,6 +512,8 @@ def main() -> int:
                 "goal_met": met,
                 "frames_goal": FRAMES_GOAL,
                 "frames_goal_met": verdicts.get("frames"),
+                "uneven_goal": UNEVEN_GOAL,
+                "uneven_goal_met": verdicts.get("uneven"),
                 "seconds": total,
             }, f, indent=2)
         print(f"wrote {args.json}")

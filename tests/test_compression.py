@@ -395,6 +395,8 @@ def test_compressed_results_equal_plain_ones(cli_workers, name, frames):
             assert (c.compression, c.compress_auto, type(c.codec)) == (name, False, compact.ZStepCodec)
             assert (c.codec.layout is not None) == (frames == "compact")
             assert c.codec.unzip.frames >= 60 and c.codec.unzip.ratio > 20  # reset and steps, compressed
+        shown = {(w["compression"], w["compressed_ratio"] > 20) for w in envs.stats()["workers"]}
+        assert shown == {(name, True)}  # /status says so too
     finally:
         envs.close()
 

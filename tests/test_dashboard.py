@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import ws_gym
 from ws_gym import metrics
+from ws_gym.compact import StepCodec
 from ws_gym.connection import WorkerState
 from ws_gym.stats import RunCounters, Stats
 
@@ -48,7 +49,8 @@ RUN_FIELDS = {
 }
 WORKER_FIELDS = {
     "id", "name", "address", "envs", "first_env", "num_envs", "state", "connected_since", "connected_s",
-    "rtt_ms", "env_steps_per_s", "env_steps", "replies", "last_error", "slow",
+    "rtt_ms", "env_steps_per_s", "env_steps", "replies", "last_error", "slow", "compression",
+    "compressed_ratio",
 }
 
 TIMED_RUN = {"uptime_s", "env_steps_per_s", "env_steps_per_s_mean"}
@@ -112,7 +114,7 @@ def wait_until(check, timeout: float = 30.0, what: str = "a condition"):
 def fake_conn(cid: int, start: int, count: int, **fields) -> SimpleNamespace:
     conn = SimpleNamespace(cid=cid, name=f"w{cid}", peer="192.0.2.1", start=start, count=count,
                            state=WorkerState.ACTIVE, step_requests=0, replies=0, rtt_total=0.0, last_error="",
-                           since=0.0, worker_id=f"id{cid}")
+                           since=0.0, worker_id=f"id{cid}", compression="none", codec=StepCodec())
     conn.__dict__.update(fields)
     return conn
 

@@ -142,6 +142,12 @@ class RunCounters:
         return float(self.returns[:n].mean()), float(self.lengths[:n].mean()), n
 
 
+def _unzip_ratio(conn: Any) -> float | None:
+    """Observation bytes / bytes received, of the arrays that came compressed (None: none did)."""
+    unzip = getattr(conn.codec, "unzip", None)
+    return unzip.ratio if unzip is not None and unzip.wire_bytes else None
+
+
 def env_range(start: int, count: int) -> str:
     return str(start) if count == 1 else f"{start}..{start + count - 1}"
 
@@ -291,4 +297,6 @@ class Stats:
             "replies": conn.replies,
             "last_error": conn.last_error or None,
             "slow": False,
+            "compression": conn.compression,
+            "compressed_ratio": _round(_unzip_ratio(conn), 1),
         }
