@@ -83,6 +83,7 @@ for path in (ROOT, HERE):
 import ws_gym  # noqa: E402  (registers ws_gym/Remote-v0)
 from ws_gym.compression import available as available_codecs  # noqa: E402
 from netlink import Link  # noqa: E402
+from netns_link import NetnsLinks, unavailable as netns_unavailable  # noqa: E402
 from processes import Children, child_env  # noqa: E402
 
 ENV_ID = "CartPole-v1"
@@ -120,6 +121,9 @@ def parse_args() -> argparse.Namespace:
                    help="which cases: cartpole (num_envs / RTT), frames (compression), uneven (partial batches); "
                         "default all")
     p.add_argument("--frames-envs", type=int, default=FRAMES_ENVS, help=f"frames: num_envs (default {FRAMES_ENVS})")
+    p.add_argument("--netns", action="store_true",
+                   help="links between network namespaces (root; benchmarks/netns_link.py) instead of userspace "
+                        "links on 127.0.0.1: not loopback, so compression='auto' itself is measured")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 8 envs at RTT 0 and 10 ms, frames with 8 envs, 1 s timed, 1 repetition")
     args = p.parse_args()
@@ -130,7 +134,73 @@ def parse_args() -> argparse.Namespace:
         p.error("--seconds must be > 0, --warmup and --rtt >= 0, --repeats >= 1")
     if any(n < WORKERS or n % WORKERS for n in [*args.envs, args.frames_envs]):
         p.error(f"--envs and --frames-envs must be multiples of {WORKERS}")
+    if args.netns and (why := netns_unavailable()):
+        p.error(f"--netns: {why}")
     return args
+
+
+# ---------------------------------------------------------------------------- the links
+
+
+class LoopbackLinks:
+    """Each worker dials the trainer through a userspace ``Link`` of its own on 127.0.0.1."""
+
+    host = LOOPBACK
+    kind = "userspace links on 127.0.0.1 (benchmarks/netlink.py)"
+
+    def __init__(self) -> None:
+        self.links: list[Link] = []
+
+    def open(self, trainer_port: int, rtts: tuple[float, ...], rate_mbit: float | None) -> None:
+        for rtt in rtts:
+            self.links.append(Link(trainer_port, delay_ms=rtt / 2, rate_mbit=rate_mbit))
+            self.links[-1].start()
+
+    def worker_url(self, i: int, url: str) -> str:
+        head, _, rest = url.partition(f"{LOOPBACK}:")
+        return f"{head}{LOOPBACK}:{self.links[i].port}/{rest.partition('/')[2]}"
+
+    def worker_argv(self, i: int, argv: list[str]) -> list[str]:
+        return argv
+
+    def lateness(self) -> list[tuple[int, float, float]]:
+        return [link.lateness() for link in self.links]
+
+    def close_case(self) -> None:
+        for link in self.links:
+            link.close()
+        self.links = []
+
+
+class NamespaceLinks:
+    """The trainer in a network namespace of its own, each worker in another, a delay
+    line (or netem) between: real TCP between separate network stacks, not loopback."""
+
+    kind = "network namespaces (benchmarks/netns_link.py)"
+
+    def __init__(self) -> None:
+        self.net = NetnsLinks(workers=WORKERS).create()
+        self.net.enter("t")  # this process's sockets from now on are the trainer namespace's
+        self.host = self.net.trainer_host
+
+    def open(self, trainer_port: int, rtts: tuple[float, ...], rate_mbit: float | None) -> None:
+        for i, rtt in enumerate(rtts):
+            self.net.set_link(i, rtt / 2, rate_mbit)
+
+    def worker_url(self, i: int, url: str) -> str:
+        return url
+
+    def worker_argv(self, i: int, argv: list[str]) -> list[str]:
+        return self.net.worker_argv(i, argv)
+
+    def lateness(self) -> list[tuple[int, float, float]]:
+        return [self.net.lateness(i) for i in range(WORKERS)]
+
+    def close_case(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.net.close()
 
 
 # ---------------------------------------------------------------------------- one measurement
@@ -198,28 +268,22 @@ class Case:
         return None if self.bound is None else self.median("env_steps_per_s") / self.bound
 
 
-def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
+def measure(case: Case, children: Children, links: Any, args: argparse.Namespace) -> Run:
     """Build, start links and workers, reset, warm up, step ``args.seconds``, close (always)."""
     t0 = time.perf_counter()
-    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=case.num_envs, env_id=case.env_id, port=0,
+    envs = gym.make_vec("ws_gym/Remote-v0", num_envs=case.num_envs, env_id=case.env_id, port=0, host=links.host,
                         connect_timeout=CONNECT_TIMEOUT, compression=case.compression, batch_size=case.batch_size)
     remote = envs.unwrapped
-    links: list[Link] = []
     workers: list[tuple[subprocess.Popen, IO[bytes]]] = []
     try:
         url, token = remote.url, remote.token
-        prefix = f"ws://{LOOPBACK}:"
-        assert url.startswith(prefix), url
-        port_text, _, path = url[len(prefix):].partition("/")
+        links.open(int(url.rsplit(":", 1)[1].partition("/")[0]), case.rtts, case.rate_mbit)
         env = child_env(WS_GYM_TOKEN=token) if token else child_env()
-        for rtt in case.rtts:
-            link = Link(int(port_text), delay_ms=rtt / 2, rate_mbit=case.rate_mbit)
-            links.append(link)
-            link.start()
+        for i in range(len(case.rtts)):
             log = tempfile.TemporaryFile()
-            cmd = [sys.executable, "-m", "ws_gym.worker", "--url", f"{prefix}{link.port}/{path}",
-                   "--env", case.env_id, "--num-envs", str(case.num_envs // WORKERS), "--quiet"]
-            workers.append((children.start(cmd, env, log), log))
+            cmd = [sys.executable, "-m", "ws_gym.worker", "--url", links.worker_url(i, url),
+                   "--env", case.env_id, "--num-envs", str(case.num_envs // len(case.rtts)), "--quiet"]
+            workers.append((children.start(links.worker_argv(i, cmd), env, log), log))
         try:
             envs.reset(seed=args.seed)  # waits for the workers
         except BaseException:
@@ -233,7 +297,7 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
         end = time.perf_counter() + args.warmup
         while time.perf_counter() < end:
             advance()
-        late_before = [link.lateness() for link in links]
+        late_before = links.lateness()
         steps = env_steps = 0
         start = time.perf_counter()
         end = start + args.seconds
@@ -243,15 +307,14 @@ def measure(case: Case, children: Children, args: argparse.Namespace) -> Run:
             steps += 1
             now = time.perf_counter()
         elapsed = now - start
-        late_after = [link.lateness() for link in links]
+        late_after = links.lateness()
         compressed, wire_ratio = compression_seen(envs)
     finally:
         envs.close()  # the workers exit when their trainer closes
         for proc, log in workers:
             children.stop(proc)
             log.close()
-        for link in links:
-            link.close()
+        links.close_case()
 
     # the links' lateness over the timed steps only: from the running (count, mean, max)
     count = sum(a[0] - b[0] for a, b in zip(late_after, late_before))
@@ -307,11 +370,12 @@ def cartpole_cases(args: argparse.Namespace) -> list[Case]:
 
 
 def frames_cases(args: argparse.Namespace) -> list[Case]:
-    """none against the codec auto picks on another machine's connection, named
-    explicitly: on these loopback links auto itself stays off."""
+    """none against auto between namespaces; on loopback links, where auto stays
+    off, against the codec auto picks on another machine's connection, named."""
     codecs = available_codecs()
+    compressed = ("auto",) if args.netns else codecs[:1]
     return [Case(args.frames_envs, FRAMES_RTT_MS, "frames", FRAMES_ENV, FRAMES_RATE_MBIT, compression)
-            for compression in ("none", *codecs[:1])]
+            for compression in ("none", *compressed)]
 
 
 def uneven_cases(args: argparse.Namespace) -> list[Case]:
@@ -432,14 +496,15 @@ def main() -> int:
     print(f"python {platform.python_version()}, gymnasium {gym.__version__}, numpy {np.__version__}, "
           f"ws_gym {ws_gym.__version__}; cpus: {os.cpu_count()} (usable {cpus_usable()}), "
           f"load average {loadavg()}")
+    kind = NamespaceLinks.kind if args.netns else LoopbackLinks.kind
     print(f"{WORKERS} worker processes (python -m ws_gym.worker), each dialing the trainer through "
-          f"its own userspace link (benchmarks/netlink.py, one-way delay RTT/2 each way); "
+          f"a link of its own: {kind}, one-way delay RTT/2 each way; "
           f"{args.seconds:g} s timed per case after {args.warmup:g} s warm-up, {args.repeats} repetition(s), "
           f"interleaved", flush=True)
     groups: dict[str, tuple[Callable[[argparse.Namespace], list[Case]], Callable[[list[Case]], str],
                             Callable[[list[Case]], tuple[bool | None, str]], str]] = {
         "cartpole": (cartpole_cases, format_table, verdict,
-                     f"{ENV_ID} on 127.0.0.1; bound = num_envs / RTT; link late = the mean time the links "
+                     f"{ENV_ID}; bound = num_envs / RTT; link late = the mean time the links "
                      "delivered a chunk after its deadline (adds twice to each round trip)"),
         "frames": (frames_cases, format_frames, frames_verdict,
                    f"{FRAMES_ENV} (84x84x4 uint8), {args.frames_envs} envs, {FRAMES_RTT_MS} ms RTT and "
@@ -452,7 +517,7 @@ def main() -> int:
                    "for step(), the sum of each worker's envs / its RTT for recv()"),
     }
     chosen = {g: groups[g][0](args) for g in args.group}
-    if "frames" in chosen:
+    if "frames" in chosen and not args.netns:
         compressed = [c.compression for c in chosen["frames"] if c.compression != "none"]
         print("frames: " + (f"compression='auto' never compresses on loopback, and these links are on {LOOPBACK}: "
                             f"the compressed case is {compressed[0]!r}, the codec auto picks on another "
@@ -462,13 +527,14 @@ def main() -> int:
     print()
 
     children = Children()
+    links = NamespaceLinks() if args.netns else LoopbackLinks()
     cases = [case for group in chosen.values() for case in group]
     started = time.perf_counter()
     try:
         for rep in range(args.repeats):
             order = cases if rep % 2 == 0 else cases[::-1]
             for case in order:
-                run = measure(case, children, args)
+                run = measure(case, children, links, args)
                 case.runs.append(run)
                 bound = case.bound
                 note = "" if bound is None else f"  {run.env_steps_per_s / bound:.3f}x of {bound:,.0f}"
@@ -476,6 +542,8 @@ def main() -> int:
                       f"{note}  link late {run.late_mean_ms:.2f} ms (max {run.late_max_ms:.2f})", flush=True)
     finally:
         children.stop_all()
+        if isinstance(links, NamespaceLinks):
+            links.close()
     total = time.perf_counter() - started
 
     verdicts = {}
