@@ -296,6 +296,18 @@ def _dtype(dstr: Any, n: int) -> np.dtype:
     return dtype
 
 
+def _nbytes(shape: Any, dtype: np.dtype, n: int) -> int:
+    """The bytes of buffer ``n``, once its shape is a list of at most MAX_DIMS sizes."""
+    if type(shape) is not list or len(shape) > MAX_DIMS:
+        raise ProtocolError(f"buffer {n}: shape must be a list of at most {MAX_DIMS} sizes")
+    count = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise ProtocolError(f"buffer {n}: shape {_safe_repr(shape, 200)} has a bad size")
+        count *= dim
+    return count * dtype.itemsize
+
+
 def _views(frame: Any, offset: int, specs: list, unzip: Any = None) -> list[np.ndarray]:
     size = len(frame)
     views: list[np.ndarray] = []
@@ -309,14 +321,7 @@ def _views(frame: Any, offset: int, specs: list, unzip: Any = None) -> list[np.n
             raise ProtocolError(f"buffer {n}: spec must be [dtype, shape]")
         dstr, shape = spec
         dtype = _dtype(dstr, n)
-        if type(shape) is not list or len(shape) > MAX_DIMS:
-            raise ProtocolError(f"buffer {n}: shape must be a list of at most {MAX_DIMS} sizes")
-        count = 1
-        for dim in shape:
-            if type(dim) is not int or dim < 0:
-                raise ProtocolError(f"buffer {n}: shape {_safe_repr(shape, 200)} has a bad size")
-            count *= dim
-        nbytes = count * dtype.itemsize
+        nbytes = _nbytes(shape, dtype, n)
         if nbytes > size - offset:
             raise ProtocolError(
                 f"buffer {n}: {shape!r} x {dstr} needs {nbytes} bytes, "
@@ -341,14 +346,9 @@ def _unpacked(frame: Any, offset: int, spec: list, n: int, unzip: Any, unpacked:
     """A compressed buffer, decompressed (bounded) and viewed; the bytes decompressed so far."""
     dstr, shape, packed = spec
     dtype = _dtype(dstr, n)
-    if type(shape) is not list or len(shape) > MAX_DIMS or type(packed) is not int or packed < 0:
+    if type(packed) is not int or packed < 0:
         raise ProtocolError(f"buffer {n}: a compressed spec must be [dtype, shape, size]")
-    count = 1
-    for dim in shape:
-        if type(dim) is not int or dim < 0:
-            raise ProtocolError(f"buffer {n}: shape {_safe_repr(shape, 200)} has a bad size")
-        count *= dim
-    nbytes = count * dtype.itemsize
+    nbytes = _nbytes(shape, dtype, n)
     unpacked += nbytes
     if unpacked > unzip.limit:  # before anything is allocated
         raise ProtocolError(f"buffer {n}: compressed buffers claiming {unpacked} bytes, "

@@ -204,13 +204,17 @@ class StepLayout:
     def reply_body(self, frame: bytes | bytearray | memoryview) -> dict:
         """The body of a compact reply that :meth:`reply_id` accepted (it is
         not checked again), as :meth:`decode_reply` gives it."""
-        obs = _view(frame, self.obs_dtype, self.obs_count, _HEAD.size).reshape(self.obs_shape)
+        return self._body(frame, _HEAD.size, frame, self.rew_at, self.flags_at)
+
+    def _body(self, obs_src: Any, obs_at: int, frame: Any, rew_at: int, flags_at: int) -> dict:
+        """A reply's body: the observations at ``obs_at`` of ``obs_src``, the rest in ``frame``."""
+        obs = _view(obs_src, self.obs_dtype, self.obs_count, obs_at).reshape(self.obs_shape)
         if self.single:
-            r, t, u = _SCALARS.unpack_from(frame, self.rew_at)
+            r, t, u = _SCALARS.unpack_from(frame, rew_at)
             return {"o": obs, "r": r, "t": t, "u": u, "info": {}}
         n = self.count
-        r = _view(frame, _F8, n, self.rew_at)
-        flags = _view(frame, _B1, 2 * n, self.flags_at)
+        r = _view(frame, _F8, n, rew_at)
+        flags = _view(frame, _B1, 2 * n, flags_at)
         return {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
 
     def byte_views(self, obs: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
@@ -255,14 +259,7 @@ class StepLayout:
     def zreply_body(self, frame: Any, raw: bytes) -> dict:
         """A ``ZREPLY``'s body (``raw``: its observations, decompressed), as
         :meth:`reply_body` gives a plain one's."""
-        obs = _view(raw, self.obs_dtype, self.obs_count, 0).reshape(self.obs_shape)
-        if self.single:
-            r, t, u = _SCALARS.unpack_from(frame, _HEAD.size)
-            return {"o": obs, "r": r, "t": t, "u": u, "info": {}}
-        n = self.count
-        r = _view(frame, _F8, n, _HEAD.size)
-        flags = _view(frame, _B1, 2 * n, self.zflags_at)
-        return {"o": obs, "r": r, "t": flags[:n], "u": flags[n:], "f": []}
+        return self._body(raw, 0, frame, _HEAD.size, self.zflags_at)
 
     def copy_zreply(self, frame: Any, raw: bytes, views: tuple[memoryview, ...], row: int) -> None:
         """:meth:`copy_reply` for a ``ZREPLY``: the decompressor's output
