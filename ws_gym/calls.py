@@ -402,17 +402,16 @@ class CallBook:
         conn.replies += 1  # statistics (ws_gym.stats): the thread that read the reply, no lock
         conn.rtt_total += time.perf_counter() - call.sent
         if kind == P.OK:
-            if call.sink is not None:
-                try:
+            try:
+                if call.sink is not None:
                     call.sink(idx, body, compact)
-                except Exception as exc:  # noqa: BLE001 - fails this call, never the connection
-                    call.fail(exc if isinstance(exc, ProtocolError)
-                              else ProtocolError(f"{conn.origin}: a reply that cannot be used: {exc!r}"))
-                    return
-                if compact:  # all of it is in the sink's arrays now; a compact reply has no infos
-                    body = FILLED
-            elif compact:
-                body = conn.codec.reply_body(body)  # checked whole by decode above
+                    if compact:  # all of it is in the sink's arrays now; a compact reply has no infos
+                        body = FILLED
+                elif compact:  # checked by decode above (compressed observations: as they decompress)
+                    body = conn.codec.reply_body(body)
+            except Exception as exc:  # noqa: BLE001 - fails this call, never the connection
+                call.fail(self._unusable(conn, exc, compact))
+                return
             call.answer(idx, body)
         elif kind == P.ERROR:
             remote = P.parse_error(body, conn.origin)
@@ -420,6 +419,16 @@ class CallBook:
             call.fail(remote)
         else:
             call.fail(ProtocolError(f"{conn.origin} answered with kind {kind!r}"))
+
+    @staticmethod
+    def _unusable(conn: WorkerConn, exc: Exception, compact: bool) -> ProtocolError:
+        """The error for a reply that could not be read into its result."""
+        if not isinstance(exc, ProtocolError):
+            return ProtocolError(f"{conn.origin}: a reply that cannot be used: {exc!r}")
+        if compact:  # its compressed observations are bad
+            log.warning("%s sent a malformed frame: %s", conn.origin, exc)
+            return ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
+        return exc
 
     @staticmethod
     def _log_unknown(conn: WorkerConn, rid: int) -> None:

@@ -29,10 +29,10 @@ Where the handshake chose a compression codec (:mod:`ws_gym.compression`), a
 reply whose observations the worker compressed is a ``ZREPLY``: the same head,
 then the rewards and flags, then the compressed observations to the end of
 the frame. Their size once decompressed is the layout's, so nothing larger is
-ever allocated: the trainer decompresses them as it decodes the frame (a bad
-one is a malformed frame like any other), and the decompressor's output is
-copied into the step's batch once, as a plain reply's bytes are
-(:meth:`StepLayout.copy_zreply`). Such a connection's codec is a
+ever allocated or written: the trainer checks the frame's head as it decodes
+it, then decompresses the observations straight into the step's batch rows,
+the decompressor's output being the only copy (:meth:`StepLayout.copy_zreply`;
+a bad one fails that step as a malformed reply). Such a connection's codec is a
 :class:`ZStepCodec`; all others keep the plain :class:`StepCodec`, unchanged.
 """
 
@@ -242,9 +242,10 @@ class StepLayout:
 
     # -- compressed replies (ZREPLY) -------------------------------------------
 
-    def zreply(self, frame: bytes | bytearray | memoryview, unzip: Any) -> tuple[int, bytes]:
-        """The request id of a ``ZREPLY`` and its observations' bytes, once all
-        of it is checked and decompressed (exactly the layout's size, bounded)."""
+    def zreply_id(self, frame: bytes | bytearray | memoryview) -> int:
+        """The request id of a ``ZREPLY``, once its head, rewards and flags are
+        checked; its observations are checked as they are decompressed
+        (:meth:`zreply_body`, :meth:`copy_zreply`)."""
         size = len(frame)
         if size <= self.z_at:
             raise ProtocolError(f"a compressed step reply of {size} bytes; this layout needs over {self.z_at}")
@@ -254,21 +255,25 @@ class StepLayout:
                                 f"expected {self.tag:#010x})")
         if bytes(frame[self.zflags_at : self.z_at]).translate(None, b"\0\1"):
             raise ProtocolError("a compact step reply has a flag byte other than 0 or 1")
-        return req_id, unzip.unpack(memoryview(frame)[self.z_at :], self.obs_bytes)
+        return req_id
 
-    def zreply_body(self, frame: Any, raw: bytes) -> dict:
-        """A ``ZREPLY``'s body (``raw``: its observations, decompressed), as
-        :meth:`reply_body` gives a plain one's."""
+    def zreply_body(self, frame: Any, unzip: Any) -> dict:
+        """A ``ZREPLY``'s body, as :meth:`reply_body` gives a plain one's: its
+        observations are views over the decompressor's output (exactly the
+        layout's size, bounded by ``unzip``; ProtocolError for any other)."""
+        raw = unzip.unpack(memoryview(frame)[self.z_at :], self.obs_bytes)
         return self._body(raw, 0, frame, _HEAD.size, self.zflags_at)
 
-    def copy_zreply(self, frame: Any, raw: bytes, views: tuple[memoryview, ...], row: int) -> None:
-        """:meth:`copy_reply` for a ``ZREPLY``: the decompressor's output
-        (``raw``) is copied into the batch's rows once, as a plain reply's bytes are."""
+    def copy_zreply(self, frame: Any, views: tuple[memoryview, ...], row: int, unzip: Any) -> None:
+        """:meth:`copy_reply` for a ``ZREPLY``: the observations are
+        decompressed straight into the batch's rows (no other copy), the rest
+        copied as a plain reply's. ProtocolError where they do not fill those
+        rows exactly (the rows are then undefined; the step fails)."""
         obs, rewards, terminated, truncated = views
         src = memoryview(frame)
         n, size = self.count, self.obs_bytes
         o = row * (size // n)
-        obs[o : o + size] = raw
+        unzip.unpack_into(src[self.z_at :], obs[o : o + size])
         rewards[8 * row : 8 * (row + n)] = src[_HEAD.size : self.zflags_at]
         f = self.zflags_at
         terminated[row : row + n] = src[f : f + n]
@@ -341,8 +346,9 @@ class ZStepCodec(StepCodec):
     """A :class:`StepCodec` for a connection that negotiated compression: it
     also reads ``ZREPLY`` frames and compressed buffers of general frames,
     with ``unzip`` (a :class:`ws_gym.compression.Decompressor`) and its bounds.
-    A ``ZREPLY`` is decompressed as it is decoded (so a bad one is a malformed
-    frame, as any other), and comes as ``(frame, observation bytes)``."""
+    A ``ZREPLY``'s head is checked as it is decoded; its observations are
+    decompressed where they go: into the step's batch (:meth:`copy_reply`), or
+    for a body (:meth:`reply_body`). Either raises ProtocolError for a bad one."""
 
     __slots__ = ("unzip",)
 
@@ -357,21 +363,20 @@ class ZStepCodec(StepCodec):
             if magic == REPLY:
                 return layout.reply_id(data), P.OK, data, True
             if magic == ZREPLY:
-                rid, raw = layout.zreply(data, self.unzip)
-                return rid, P.OK, (data, raw), True
+                return layout.zreply_id(data), P.OK, data, True
         reply = codec.decode(data, unzip=self.unzip)
         return reply.id, reply.kind, reply.body, False
 
     def reply_body(self, frame: Any) -> dict:
         assert self.layout is not None
-        if type(frame) is tuple:
-            return self.layout.zreply_body(*frame)
+        if frame[:4] == ZREPLY:
+            return self.layout.zreply_body(frame, self.unzip)
         return self.layout.reply_body(frame)
 
     def copy_reply(self, frame: Any, views: tuple[memoryview, ...], row: int) -> None:
         assert self.layout is not None
-        if type(frame) is tuple:
-            self.layout.copy_zreply(frame[0], frame[1], views, row)
+        if frame[:4] == ZREPLY:
+            self.layout.copy_zreply(frame, views, row, self.unzip)
         else:
             self.layout.copy_reply(frame, views, row)
 

@@ -28,13 +28,20 @@ size as the most it may allocate and write (zstd's declared content size must
 equal it, and its window is capped), and an array that decompresses to any
 other size is refused: a decompression bomb is a
 :class:`~ws_gym.errors.ProtocolError`, never a large allocation.
+
+A step reply's observations are decompressed straight into the step's batch
+rows (:meth:`Decompressor.unpack_into`): the decompressor's output is the
+only copy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import time
 from typing import Any, Callable
+
+import numpy as np
 
 from .errors import ProtocolError
 
@@ -107,6 +114,7 @@ class _Lz4:
 
     def __init__(self) -> None:
         self._block = _module("lz4")
+        self._into = _lz4_into(self._block)
 
     def compress(self, data: Any) -> bytes:
         return self._block.compress(data, store_size=False)
@@ -114,6 +122,33 @@ class _Lz4:
     def decompress(self, data: Any, size: int) -> bytes:
         # uncompressed_size is the buffer lz4 allocates and may not exceed
         return self._block.decompress(data, uncompressed_size=size)
+
+    def decompress_into(self, data: Any, out: memoryview) -> int:
+        into = self._into
+        if into is None:  # the binding has no output buffer: its output is copied once
+            raw = self.decompress(data, len(out))
+            out[: len(raw)] = raw
+            return len(raw)
+        src = np.frombuffer(data, np.uint8)
+        dst = np.frombuffer(out, np.uint8)
+        n = into(src.ctypes.data, dst.ctypes.data, len(src), len(dst))  # never writes past len(dst)
+        if n < 0:
+            raise ProtocolError(f"malformed lz4 data (error {n})")
+        return n
+
+
+def _lz4_into(block: Any) -> Any:
+    """liblz4's ``LZ4_decompress_safe``, from the lz4 package's own module,
+    where that exports it (Linux, macOS): it writes into a given buffer, which
+    the Python binding cannot. None elsewhere (then one copy is made)."""
+    try:
+        lib = ctypes.CDLL(block._block.__file__)
+        fn = lib.LZ4_decompress_safe
+    except (AttributeError, OSError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+    return fn
 
 
 class _Zstd:
@@ -134,6 +169,22 @@ class _Zstd:
         if declared != size:
             raise ProtocolError(f"a zstd frame declares {declared} bytes, {size} were expected")
         return self._d.decompress(data, max_output_size=size)
+
+    def decompress_into(self, data: Any, out: memoryview) -> int:
+        size = len(out)
+        declared = self._zstd.frame_content_size(data)
+        if declared != size:
+            raise ProtocolError(f"a zstd frame declares {declared} bytes, {size} were expected")
+        reader = self._d.stream_reader(data, read_across_frames=False)
+        n = 0
+        while n < size:
+            got = reader.readinto(out[n:])
+            if not got:
+                break
+            n += got
+        if n == size and reader.read(1):
+            return size + 1  # more than it declared
+        return n
 
 
 def make_codec(name: str) -> Any:
@@ -159,20 +210,42 @@ class Decompressor:
 
     def unpack(self, data: Any, size: int) -> bytes:
         """Exactly ``size`` bytes from ``data``, or ProtocolError (never more is allocated)."""
-        if size > self.limit:
-            raise ProtocolError(f"a compressed array claims {size} bytes, over the limit of {self.limit}")
+        self._check(size)
         try:
             out = self.codec.decompress(data, size)
-        except ProtocolError:
-            raise
-        except Exception as exc:  # the libraries' own errors: malformed or over the bound
-            raise ProtocolError(f"a {self.name} array does not decompress to {size} bytes: {exc}") from None
-        if len(out) != size:
-            raise ProtocolError(f"a {self.name} array decompressed to {len(out)} bytes, {size} were expected")
+        except Exception as exc:  # noqa: BLE001 - the libraries' own errors
+            raise self._error(exc, size) from None
+        self._count(data, len(out), size)
+        return out
+
+    def unpack_into(self, data: Any, out: memoryview) -> None:
+        """Decompress ``data`` into ``out`` (flat bytes: rows of a step's batch),
+        which it must fill exactly; ProtocolError otherwise (nothing is written
+        past ``out``, which is left undefined)."""
+        size = len(out)
+        self._check(size)
+        try:
+            n = self.codec.decompress_into(data, out)
+        except Exception as exc:  # noqa: BLE001 - the libraries' own errors
+            raise self._error(exc, size) from None
+        self._count(data, n, size)
+
+    def _check(self, size: int) -> None:
+        if size > self.limit:
+            raise ProtocolError(f"a compressed array claims {size} bytes, over the limit of {self.limit}")
+
+    def _error(self, exc: Exception, size: int) -> ProtocolError:
+        if isinstance(exc, ProtocolError):
+            return exc
+        return ProtocolError(f"a {self.name} array does not decompress to {size} bytes: {exc}")
+
+    def _count(self, data: Any, got: int, size: int) -> None:
+        if got != size:
+            what = "more" if got > size else f"{got} bytes"
+            raise ProtocolError(f"a {self.name} array decompressed to {what}, {size} were expected")
         self.frames += 1
         self.raw_bytes += size
         self.wire_bytes += len(data)
-        return out
 
     @property
     def ratio(self) -> float:
