@@ -92,14 +92,15 @@ def join(space: gym.Space, parts: list[Any]) -> Any:
     return tuple(itertools.chain.from_iterable(parts))
 
 
-def item(space: gym.Space, batch: Any, i: int) -> Any:
-    """Element ``i`` of a batch of ``space``, as its own value."""
+def item(space: gym.Space, batch: Any, i: int, copy: bool = True) -> Any:
+    """Element ``i`` of a batch of ``space``, as its own value (``copy=False``:
+    its arrays are views into ``batch``, for a caller that copies them anyway)."""
     if isinstance(space, ARRAY_SPACES):
-        return batch[i].copy()
+        return batch[i].copy() if copy else batch[i]
     if isinstance(space, spaces.Dict):
-        return {k: item(sub, batch[k], i) for k, sub in space.spaces.items()}
+        return {k: item(sub, batch[k], i, copy) for k, sub in space.spaces.items()}
     if isinstance(space, spaces.Tuple):
-        return tuple(item(sub, batch[j], i) for j, sub in enumerate(space.spaces))
+        return tuple(item(sub, batch[j], i, copy) for j, sub in enumerate(space.spaces))
     return batch[i]
 
 

@@ -179,7 +179,8 @@ class PartialBatches(VectorEnv):
         ids = np.fromiter((e.env for e in entries), np.int64, n)
         flight.state[ids] = EnvState.HELD
         flight.last_ids = ids
-        obs = concatenate(self._single_obs, [item(self._single_obs, e.obs, e.row) for e in entries],
+        # views of the rows: concatenate copies them into the new batch, once
+        obs = concatenate(self._single_obs, [item(self._single_obs, e.obs, e.row, copy=False) for e in entries],
                           _empty(self._single_obs, n))
         infos: dict[str, Any] = {}
         merger = _BatchInfos(n)
