@@ -139,8 +139,8 @@ class _Lz4:
 
 def _lz4_into(block: Any) -> Any:
     """liblz4's ``LZ4_decompress_safe``, from the lz4 package's own module,
-    where that exports it (Linux, macOS): it writes into a given buffer, which
-    the Python binding cannot. None elsewhere (then one copy is made)."""
+    where that exports it (as its Linux wheels do): it writes into a given
+    buffer, which the Python binding cannot. None elsewhere (then one copy is made)."""
     try:
         lib = ctypes.CDLL(block._block.__file__)
         fn = lib.LZ4_decompress_safe
@@ -183,7 +183,7 @@ class _Zstd:
                 break
             n += got
         if n == size and reader.read(1):
-            return size + 1  # more than it declared
+            raise ProtocolError(f"a zstd frame holds more than the {size} bytes it declares")
         return n
 
 
@@ -241,8 +241,7 @@ class Decompressor:
 
     def _count(self, data: Any, got: int, size: int) -> None:
         if got != size:
-            what = "more" if got > size else f"{got} bytes"
-            raise ProtocolError(f"a {self.name} array decompressed to {what}, {size} were expected")
+            raise ProtocolError(f"a {self.name} array decompressed to {got} bytes, {size} were expected")
         self.frames += 1
         self.raw_bytes += size
         self.wire_bytes += len(data)
