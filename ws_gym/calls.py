@@ -383,11 +383,10 @@ class CallBook:
         try:
             rid, kind, body, compact = conn.codec.decode(data)
         except ProtocolError as exc:
-            log.warning("%s sent a malformed frame: %s", conn.origin, exc)
             # Which request it answers is unknown: fail what this worker owes now
             # (a clear error at once, not a StepTimeoutError later); replies still
             # on their way for those ids are ignored as unknown.
-            err = ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
+            err = self._malformed(conn, exc)
             with self.plock:
                 owed = list(pending.values())
                 pending.clear()
@@ -426,9 +425,14 @@ class CallBook:
         if not isinstance(exc, ProtocolError):
             return ProtocolError(f"{conn.origin}: a reply that cannot be used: {exc!r}")
         if compact:  # its compressed observations are bad
-            log.warning("%s sent a malformed frame: %s", conn.origin, exc)
-            return ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
+            return CallBook._malformed(conn, exc)
         return exc
+
+    @staticmethod
+    def _malformed(conn: WorkerConn, exc: ProtocolError) -> ProtocolError:
+        """Log a malformed frame from a worker; the error for the calls it fails."""
+        log.warning("%s sent a malformed frame: %s", conn.origin, exc)
+        return ProtocolError(f"{conn.origin} sent a malformed reply: {exc}")
 
     @staticmethod
     def _log_unknown(conn: WorkerConn, rid: int) -> None:

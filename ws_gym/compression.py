@@ -163,18 +163,12 @@ class _Zstd:
         return self._c.compress(data)
 
     def decompress(self, data: Any, size: int) -> bytes:
-        # the frame declares its size: it must be the expected one (else its
-        # header would choose the allocation); the output may not exceed it
-        declared = self._zstd.frame_content_size(data)
-        if declared != size:
-            raise ProtocolError(f"a zstd frame declares {declared} bytes, {size} were expected")
+        self._check_declared(data, size)
         return self._d.decompress(data, max_output_size=size)
 
     def decompress_into(self, data: Any, out: memoryview) -> int:
         size = len(out)
-        declared = self._zstd.frame_content_size(data)
-        if declared != size:
-            raise ProtocolError(f"a zstd frame declares {declared} bytes, {size} were expected")
+        self._check_declared(data, size)
         reader = self._d.stream_reader(data, read_across_frames=False)
         n = 0
         while n < size:
@@ -185,6 +179,13 @@ class _Zstd:
         if n == size and reader.read(1):
             raise ProtocolError(f"a zstd frame holds more than the {size} bytes it declares")
         return n
+
+    def _check_declared(self, data: Any, size: int) -> None:
+        # the frame declares its size: it must be the expected one (else its
+        # header would choose the allocation); the output may not exceed it
+        declared = self._zstd.frame_content_size(data)
+        if declared != size:
+            raise ProtocolError(f"a zstd frame declares {declared} bytes, {size} were expected")
 
 
 def make_codec(name: str) -> Any:
